@@ -1,0 +1,97 @@
+"""Config composition: a root YAML, one file per group chosen by name, then `key=value` overrides.
+
+    compose("train", ["method=negclip", "optim.lr=1e-4"], schemas={...})
+
+A dotless `group=name` selects `configs/<group>/<name>.yaml` (an unknown name lists the files); every
+other token is an OmegaConf dotlist override. Each group is merged into its typed schema, so an unknown
+key or a value of the wrong type fails before anything runs, naming the key and the valid ones.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from configs.schema import BenchConfig, TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent
+ROOTS = {"train": TrainConfig, "bench": BenchConfig}
+# A group schema gets the selected file name and its loaded YAML, and returns the typed node to merge into.
+GroupSchema = Callable[[str, DictConfig], DictConfig]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: unknown group file, unknown key, wrong type."""
+
+
+def group_names(group: str) -> list[str]:
+    """The names a group offers: the YAML file stems in configs/<group>/."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def load_group(group: str, name: str) -> DictConfig:
+    path = CONFIG_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown {group} '{name}'; available: {', '.join(group_names(group))}")
+    return OmegaConf.load(path)
+
+
+def _valid_keys(cfg: DictConfig, dotted: str) -> str:
+    parent = dotted.rsplit(".", 1)[0] if "." in dotted else ""
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = sorted(node.keys()) if isinstance(node, DictConfig) else []
+    return f"valid keys{' under ' + repr(parent) if parent else ''}: {', '.join(map(str, keys))}"
+
+
+def _merge(cfg: DictConfig, other: Any, what: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, other)
+    except ConfigKeyError as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise ConfigError(f"{what}: unknown config key '{key}'; {_valid_keys(cfg, str(key))}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{what}: {e.msg if hasattr(e, 'msg') else e} (key '{getattr(e, 'full_key', '?')}')") from None
+
+
+def compose(root: str, argv: list[str] | tuple[str, ...] = (), schemas: Mapping[str, GroupSchema] | None = None) -> DictConfig:
+    """The resolved config for `root` ("train" or "bench") with group selections and overrides from argv."""
+    schemas = schemas or {}
+    base = OmegaConf.load(CONFIG_DIR / f"{root}.yaml")
+    defaults = dict(base.pop("defaults", {}))
+    overrides = []
+    for token in argv:
+        key, sep, value = token.partition("=")
+        if not sep:
+            raise ConfigError(f"argument '{token}' is not key=value")
+        if key in defaults:
+            defaults[key] = value
+        else:
+            overrides.append(token)
+    cfg = OmegaConf.structured(ROOTS[root])
+    cfg = _merge(cfg, base, f"configs/{root}.yaml")
+    for group, name in defaults.items():
+        node = load_group(group, str(name))
+        typed = schemas[group](str(name), node) if group in schemas else cfg[group]
+        what = f"configs/{group}/{name}.yaml"
+        if group in schemas:  # the schema node replaces the untyped slot, then the file fills it
+            OmegaConf.update(cfg, group, typed, merge=False)
+        cfg = _merge(cfg, {group: node}, what)
+    cfg = _merge(cfg, OmegaConf.from_dotlist(overrides), "command line")
+    OmegaConf.set_struct(cfg, True)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def save(cfg: DictConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.replace(path)
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    """Plain containers, so a checkpoint holding them loads with torch.load(weights_only=True)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,37 @@
+"""Builds the open_clip model, its two transforms and its tokenizer from a model config."""
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+_ARCH_DIR = Path(tempfile.mkdtemp(prefix="clipcomp-arch-"))
+
+
+def register_arch(name: str, arch: dict[str, Any]) -> None:
+    """Make a custom architecture known to open_clip under `name` (its config registry reads JSON files)."""
+    path = _ARCH_DIR / f"{name}.json"
+    path.write_text(json.dumps(arch))
+    open_clip.add_model_config(path)
+
+
+def create_backbone(cfg: DictConfig) -> tuple[torch.nn.Module, Callable, Callable, Callable]:
+    """(model, preprocess_train, preprocess_val, tokenizer) for an open_clip name with a tag, a file or nothing."""
+    if cfg.arch is not None:
+        register_arch(cfg.name, OmegaConf.to_container(cfg.arch, resolve=True))
+    with warnings.catch_warnings():
+        # open_clip only warns when OpenAI weights meet a GELU model; results silently change, so fail instead
+        warnings.filterwarnings("error", message=".*QuickGELU mismatch.*")
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            cfg.name, pretrained=cfg.pretrained, force_quick_gelu=cfg.force_quick_gelu,
+        )
+    tokenizer = open_clip.get_tokenizer(cfg.name)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model, preprocess_train, preprocess_val, tokenizer

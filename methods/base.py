@@ -1,0 +1,162 @@
+"""The LightningModule every method shares: encode, gather across ranks, sum the named loss terms, log, optimize.
+
+A method subclass overrides only what it changes: `extra_fields` (what it asks of the DataModule), its
+`Config` (its loss weights and switches) and `loss_terms` (its terms; keys ending in `_loss` are summed,
+the others are only logged).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from configs.registry import Registry
+from datamodules.graph import SceneGraph
+from methods.backbone import create_backbone
+from methods.losses import contrastive_loss
+
+
+METHODS: Registry[type["ContrastiveMethod"]] = Registry("method")
+
+
+def dist_info() -> tuple[int, int]:
+    """(global rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Every rank's `x` concatenated in rank order, (W*B, ...), with gradients flowing back to each rank."""
+    rank, world = dist_info()
+    if world == 1:
+        return x
+    # torch.distributed.nn's all_gather is autograd-aware: its backward sums every rank's gradient for x
+    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+
+
+class ContrastiveMethod(L.LightningModule):
+    """CLIP fine-tuning shared by every method (vanilla CLIP is this class with its defaults)."""
+
+    @dataclass
+    class Config:
+        name: str = "clip"
+
+    extra_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters({"cfg": cfg})  # plain containers: the checkpoint loads with weights_only=True
+        self.cfg = OmegaConf.create(cfg)
+        self.model, self.preprocess_train, self.preprocess_val, self.tokenizer = create_backbone(self.cfg.model)
+        self._encode_image, self._encode_text = self.model.encode_image, self.model.encode_text
+        if self.cfg.model.compile:
+            self._encode_image = torch.compile(self._encode_image)
+            self._encode_text = torch.compile(self._encode_text)
+
+    # -- encoding ----------------------------------------------------------------------------------
+    def encode_image_tensor(self, images: Tensor) -> Tensor:
+        return self._encode_image(images, normalize=True)  # (B, D)
+
+    def encode_text_tokens(self, tokens: Tensor) -> Tensor:
+        return self._encode_text(tokens, normalize=True)  # (B, D)
+
+    def encode(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Normalised features of the batch's images and captions, and the learned temperature."""
+        return {
+            "image_features": self.encode_image_tensor(batch["image"]),
+            "text_features": self.encode_text_tokens(batch["text"]),
+            "logit_scale": self.model.logit_scale.exp(),
+        }
+
+    def gather(self, x: Tensor) -> Tensor:
+        return gather_with_grad(x)
+
+    # -- loss --------------------------------------------------------------------------------------
+    def loss_terms(self, batch: dict[str, Any], feats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Named loss terms; keys ending in `_loss` are summed into the training loss."""
+        rank, _ = dist_info()
+        img, txt = feats["image_features"], feats["text_features"]
+        return {
+            "contrastive_loss": contrastive_loss(img, txt, self.gather(img), self.gather(txt), feats["logit_scale"], rank)
+        }
+
+    def training_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        feats = self.encode(batch)
+        terms = self.loss_terms(batch, feats)
+        loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
+        return loss, terms
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, terms = self.training_loss(batch)
+        b = batch["image"].shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=b)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=b)
+        self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=b)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Held-out contrastive loss and in-batch retrieval accuracy (no collectives: batches may differ in size)."""
+        feats = self.encode(batch)
+        img, txt = feats["image_features"], feats["text_features"]
+        loss = contrastive_loss(img, txt, img, txt, feats["logit_scale"])
+        sims = img @ txt.T  # (B, B)
+        target = torch.arange(len(img), device=img.device)
+        b = len(img)
+        self.log("val/loss", loss, sync_dist=True, batch_size=b, prog_bar=True)
+        self.log("val/i2t_acc", (sims.argmax(1) == target).float().mean(), sync_dist=True, batch_size=b)
+        self.log("val/t2i_acc", (sims.argmax(0) == target).float().mean(), sync_dist=True, batch_size=b)
+
+    # -- optimisation ------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """No weight decay on gains, biases, embeddings' 1-d vectors and the logit scale (open_clip's rule)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+        return [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.cfg.optim
+        fused = all(p.is_cuda for g in self.param_groups() for p in g["params"])
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.schedule, o.warmup_steps, total, o.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():  # the temperature stays in [1, logit_scale_max]
+            self.model.logit_scale.clamp_(0, math.log(self.cfg.optim.logit_scale_max))
+
+    # -- what benchmarks see (benchmarks.scoring.Encoder) --------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        return self.encode_image_tensor(images.to(self.device)).float()
+
+    @torch.no_grad()
+    def encode_captions(self, texts: list[str], graphs: list[SceneGraph | None] | None = None) -> Tensor:
+        """Caption features; `graphs` (each caption's scene graph) is for methods that read them."""
+        return self.encode_text_tokens(self.tokenizer(texts).to(self.device)).float()
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
+    """Linear warmup over `warmup` steps, then cosine down to `min_ratio` at `total` (or constant)."""
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got '{schedule}'")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

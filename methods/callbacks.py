@@ -1,0 +1,50 @@
+"""Training callbacks: measured throughput (samples/s) written into the run folder."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+
+class Throughput(L.Callback):
+    """Samples per second over training steps (data loading included), after `warmup` steps; median and mean."""
+
+    def __init__(self, run_dir: str | Path, warmup: int = 5) -> None:
+        self.path = Path(run_dir) / "throughput.json"
+        self.warmup = warmup
+        self.step_times: list[float] = []
+        self.last: float | None = None
+        self.samples = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.last = None  # the gap across validation and epoch ends is not a training step
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        now = time.perf_counter()
+        self.samples = batch["image"].shape[0] * trainer.world_size
+        if self.last is not None and trainer.global_step > self.warmup:
+            self.step_times.append(now - self.last)
+            module.log("train/samples_per_sec", self.samples / self.step_times[-1], batch_size=1)
+        self.last = now
+
+    def summary(self) -> dict[str, Any]:
+        t = self.step_times
+        return {
+            "samples_per_sec_median": self.samples / statistics.median(t) if t else None,
+            "samples_per_sec_mean": self.samples * len(t) / sum(t) if t else None,
+            "global_batch": self.samples,
+            "measured_steps": len(t),
+        }
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            info = self.summary() | {"accelerator": type(trainer.accelerator).__name__, "world_size": trainer.world_size,
+                                     "precision": str(trainer.precision)}
+            tmp = self.path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(info, indent=2))
+            tmp.replace(self.path)
