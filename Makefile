@@ -1,0 +1,40 @@
+# clipcomp: `make train` runs the main job on the embedded default (the shapes world), `make test` the tests.
+# The first target that needs Python creates .venv and installs the project; nothing else is needed.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+METHOD  ?= clip
+BENCH   ?= syn
+ARGS    ?=
+RUNS    ?=
+DATA_ROOT ?=
+comma   := ,
+empty   :=
+space   := $(empty) $(empty)
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train bench test clean-venv
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@echo "  variables: METHOD=$(METHOD) BENCH=$(BENCH) RUNS='run folders' DATA_ROOT=path ARGS='key=value ...'"
+
+$(VENV)/.ok: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.ok ## create .venv and install the project with its dev extra
+
+train: $(VENV)/.ok ## train METHOD (default clip) on the default config; ARGS="optim.lr=1e-3 data=shapes ..."
+	$(PY) -m methods.train method=$(METHOD) $(ARGS)
+
+bench: $(VENV)/.ok ## evaluate the latest run of every method (or RUNS="dir dir") on BENCH (default syn), print the table
+	$(PY) -m benchmarks.run bench=$(BENCH) $(if $(strip $(RUNS)),runs=[$(subst $(space),$(comma),$(strip $(RUNS)))]) \
+		$(if $(DATA_ROOT),bench.data_root=$(DATA_ROOT)) $(ARGS)
+
+test: $(VENV)/.ok ## run the test suite (what CI runs)
+	$(PY) -m pytest -q
+
+clean-venv: ## remove the virtual environment
+	rm -rf $(VENV)

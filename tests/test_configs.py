@@ -1,0 +1,73 @@
+"""Every config file composes; unknown names, keys and wrongly typed values fail at once and say why."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import configs
+from methods import METHODS
+from methods.train import compose_train, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("group", ["method", "model", "data", "trainer", "optim"])
+def test_every_group_file_composes(group):
+    names = configs.group_names(group)
+    assert names, f"configs/{group}/ is empty"
+    for name in names:
+        cfg = compose_train([f"{group}={name}"])
+        assert cfg[group] is not None
+
+
+def test_method_files_match_the_registry():
+    assert configs.group_names("method") == METHODS.names()
+
+
+def test_every_bench_file_composes():
+    for name in configs.group_names("bench"):
+        cfg = configs.compose("bench", [f"bench={name}"])
+        assert cfg.bench.name == name and cfg.bench.benchmarks
+
+
+def test_unknown_method_lists_the_available_ones(capsys):
+    assert main(["method=nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "nosuch" in err and all(name in err for name in METHODS.names())
+
+
+def test_unknown_key_is_rejected_with_the_valid_keys():
+    with pytest.raises(configs.ConfigError, match=r"optim\.nosuch.*valid keys under 'optim'.*lr"):
+        compose_train(["optim.nosuch=1"])
+    with pytest.raises(configs.ConfigError, match=r"data\.options\.colour.*num_objects"):
+        compose_train(["data.options.colour=red"])
+    with pytest.raises(configs.ConfigError, match="unknown config key 'nosuch'"):
+        compose_train(["nosuch=1"])
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(configs.ConfigError, match="optim.lr"):
+        compose_train(["optim.lr=fast"])
+    with pytest.raises(configs.ConfigError, match="data.options.num_objects"):
+        compose_train(["data.options.num_objects=two"])
+
+
+def test_unknown_group_file_lists_the_files():
+    with pytest.raises(configs.ConfigError, match="unknown trainer 'tpu'.*cpu"):
+        compose_train(["trainer=tpu"])
+
+
+def test_overrides_reach_the_config():
+    cfg = compose_train(["optim.lr=0.5", "data.options.num_objects=3", "seed=7"])
+    assert cfg.optim.lr == 0.5 and cfg.data.options.num_objects == 3 and cfg.seed == 7
+    assert cfg.method.name == "clip"
+
+
+def test_make_train_with_an_unknown_method_fails_at_once():
+    out = subprocess.run(["make", "-s", "train", "METHOD=nosuch", f"VENV={Path(sys.executable).parents[1]}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "unknown method 'nosuch'; available: " + ", ".join(METHODS.names()) in out.stderr

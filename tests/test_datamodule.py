@@ -1,0 +1,72 @@
+"""DataModule batches have the promised fields, shapes and contents, for any requested extra field."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datamodules import FIELDS
+from datamodules.datamodule import HostList
+from datamodules.graph import SceneGraph
+from methods.train import build
+
+
+@pytest.fixture
+def built(make_cfg):
+    cfg = make_cfg()
+    module, dm = build(cfg)
+    return cfg, module, dm
+
+
+def test_train_batch_fields_and_shapes(built):
+    cfg, module, dm = built
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    b, size, ctx = cfg.data.batch_size, cfg.model.arch.vision_cfg.image_size, cfg.model.arch.text_cfg.context_length
+    assert batch["image"].shape == (b, 3, size, size) and batch["image"].dtype == torch.float32
+    assert batch["text"].shape == (b, ctx) and batch["text"].dtype == torch.long
+    assert len(batch["caption"]) == b and all(isinstance(c, str) for c in batch["caption"])
+    assert isinstance(batch["graph"], HostList) and all(isinstance(g, SceneGraph) for g in batch["graph"])
+    assert batch["index"].shape == (b,)
+    # the text is the model's tokenization of the caption, the image the model's preprocessing of the sample
+    torch.testing.assert_close(batch["text"], module.tokenizer(batch["caption"]))
+    src = dm.dataset("train").source
+    i = int(batch["index"][0])
+    assert batch["caption"][0] in src[i].captions
+    torch.testing.assert_close(batch["image"][0], module.preprocess_val(src[i].image))
+
+
+def test_training_drops_the_last_partial_batch(make_cfg):
+    cfg = make_cfg("data.options.train_size=20", "data.batch_size=8")
+    _, dm = build(cfg)
+    dm.setup("fit")
+    sizes = [len(b["index"]) for b in dm.train_dataloader()]
+    assert sizes == [8, 8]
+    assert sum(len(b["index"]) for b in dm.val_dataloader()) == cfg.data.options.val_size
+
+
+def test_extra_fields_on_request(make_cfg):
+    cfg = make_cfg()
+    module, _ = build(cfg)
+    from datamodules import CaptionDataModule
+
+    dm = CaptionDataModule(cfg.data, preprocess_train=module.preprocess_train, preprocess_val=module.preprocess_val,
+                           tokenizer=module.tokenizer, extra_fields=("boxes", "partial_text"))
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    b = cfg.data.batch_size
+    assert batch["boxes"].shape == (b, 8, 4) and batch["partial_text"].shape == batch["text"].shape
+    # boxes are the graph's boxes as fractions of the image; padding is -1
+    g, box = batch["graph"][0], batch["boxes"][0]
+    size = cfg.data.options.image_size
+    torch.testing.assert_close(box[0], torch.tensor(g.objects[0].box) / size)
+    assert (box[len(g.objects):] == -1).all()
+
+
+def test_unknown_field_lists_the_known_ones(make_cfg):
+    cfg = make_cfg()
+    module, _ = build(cfg)
+    from datamodules import CaptionDataModule
+
+    with pytest.raises(KeyError, match="unknown batch field 'nosuch'; available: " + ", ".join(FIELDS.names())):
+        CaptionDataModule(cfg.data, preprocess_train=module.preprocess_train, preprocess_val=module.preprocess_val,
+                          tokenizer=module.tokenizer, extra_fields=("nosuch",))

@@ -1,0 +1,80 @@
+"""Two CPU processes under DistributedDataParallel give the loss and gradients of one process on the
+concatenated batch: the features are gathered with gradients, so the negatives are the global batch."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import configs
+from datamodules.shapes import ShapesWorld
+from methods.base import METHODS
+from methods.train import compose_train
+
+WORLD, B = 2, 4  # 2 ranks x 4 samples = a global batch of 8
+ARGV = ["data.num_workers=0"]
+
+
+def make_module_and_batch():
+    torch.manual_seed(0)
+    cfg = compose_train(ARGV)
+    module = METHODS.get("clip")(configs.to_plain(cfg))
+    with torch.no_grad():  # a temperature away from its init, so the scale's gradient is checked too
+        module.model.logit_scale.fill_(2.0)
+    world = ShapesWorld(ShapesWorld.Config(), "train")
+    samples = [world[i] for i in range(WORLD * B)]
+    batch = {
+        "image": torch.stack([module.preprocess_val(s.image) for s in samples]),
+        "text": module.tokenizer([s.captions[0] for s in samples]),
+    }
+    return module, batch
+
+
+class LossOf(torch.nn.Module):
+    """DDP wraps a module's forward: here, the method's own training loss."""
+
+    def __init__(self, method: torch.nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch):
+        return self.method.training_loss(batch)[0]
+
+
+def _rank(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        module, batch = make_module_and_batch()
+        local = {k: v[rank * B:(rank + 1) * B] for k, v in batch.items()}
+        ddp = torch.nn.parallel.DistributedDataParallel(LossOf(module))
+        loss = ddp(local)
+        loss.backward()  # DDP averages the gradients over ranks here
+        grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+        torch.save({"loss": loss.detach(), "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ddp_equals_one_process_on_the_concatenated_batch():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        ranks = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    module, batch = make_module_and_batch()
+    loss = module.training_loss(batch)[0]
+    loss.backward()
+    single = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+
+    mean_loss = sum(r["loss"] for r in ranks) / WORLD
+    torch.testing.assert_close(mean_loss, loss.detach(), rtol=1e-5, atol=1e-6)
+    assert set(ranks[0]["grads"]) == set(single) and len(single) > 10
+    for r in ranks:
+        for name, g in single.items():
+            torch.testing.assert_close(r["grads"][name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    # the check has teeth: the per-rank loss alone (no gathered negatives) is a different loss
+    assert not torch.allclose(ranks[0]["loss"], loss.detach(), rtol=1e-3)
