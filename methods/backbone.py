@@ -11,14 +11,13 @@ import open_clip
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-_ARCH_DIR = Path(tempfile.mkdtemp(prefix="clipcomp-arch-"))
-
-
 def register_arch(name: str, arch: dict[str, Any]) -> None:
-    """Make a custom architecture known to open_clip under `name` (its config registry reads JSON files)."""
-    path = _ARCH_DIR / f"{name}.json"
-    path.write_text(json.dumps(arch))
-    open_clip.add_model_config(path)
+    """Make a custom architecture known to open_clip under `name`. Its registry only reads JSON files, and
+    keeps what it read, so the file lives only for the call."""
+    with tempfile.TemporaryDirectory(prefix="clipcomp-arch-") as tmp:
+        path = Path(tmp) / f"{name}.json"
+        path.write_text(json.dumps(arch))
+        open_clip.add_model_config(path)
 
 
 def create_backbone(cfg: DictConfig) -> tuple[torch.nn.Module, Callable, Callable, Callable]:

@@ -1,0 +1,116 @@
+"""Evaluate runs: `python -m benchmarks.run bench=syn [runs=[runs/clip/2026...]] [ckpt=last]`.
+
+Without `runs`, the latest run of every method under runs_dir that has the checkpoint is evaluated.
+Results go into a new folder under out_dir (never over an old one): results.md, results.csv, one chart
+per benchmark family and per-benchmark detail CSVs; the table is printed.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import configs
+from benchmarks.base import BENCHMARKS, BenchContext
+from benchmarks.report import format_table, write_report
+from methods import METHODS
+
+
+def find_runs(cfg: DictConfig) -> list[Path]:
+    """The runs named in cfg.runs, or the latest run (by folder name, a timestamp) of each method."""
+    if cfg.runs:
+        runs = [Path(r) for r in cfg.runs]
+        for r in runs:
+            if not (r / "config.yaml").is_file():
+                raise FileNotFoundError(f"{r}: not a run folder (no config.yaml)")
+        return runs
+    root = Path(cfg.runs_dir)
+    found = []
+    for method_dir in sorted(p for p in root.glob("*") if p.is_dir()):
+        done = sorted(r for r in method_dir.iterdir() if (r / "checkpoints" / f"{cfg.ckpt}.ckpt").is_file())
+        if done:
+            found.append(done[-1])
+    if not found:
+        raise FileNotFoundError(f"no run with a '{cfg.ckpt}' checkpoint under {root}/; train one first (make train)")
+    return found
+
+
+def load_run(run: Path, ckpt: str, device: torch.device):
+    """The run's method module with the checkpoint's weights (loaded with weights_only=True: no unpickling)."""
+    run_cfg = OmegaConf.load(run / "config.yaml")
+    path = run / "checkpoints" / f"{ckpt}.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run}: no checkpoint {path.name}")
+    plain = configs.to_plain(run_cfg)
+    plain["model"]["pretrained"] = None  # the checkpoint has every weight; never fetch the starting ones
+    module = METHODS.get(run_cfg.method.name)(plain)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    return module.to(device).eval(), run_cfg
+
+
+def new_out_dir(cfg: DictConfig) -> Path:
+    base = Path(cfg.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.bench.name}"
+    for k in range(1000):
+        path = base if k == 0 else base.with_name(f"{base.name}.{k}")
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new results folder next to {base}")
+
+
+def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, list[str]], list[str], Path]:
+    """Run every benchmark of the bench config on every run; returns rows, families, notes and the out folder."""
+    names = list(cfg.bench.benchmarks)
+    for name in names:
+        BENCHMARKS.get(name)  # unknown names fail before any model is loaded
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    runs = find_runs(cfg)
+    out = new_out_dir(cfg)
+    rows, families, notes = [], {}, []
+    for run in runs:
+        module, run_cfg = load_run(run, cfg.ckpt, device)
+        ctx = BenchContext(module, module.preprocess_val, run_cfg, cfg.bench)
+        row = {"method": run_cfg.method.name, "run": str(run)}
+        for name in names:
+            result = BENCHMARKS.get(name)(ctx)
+            row.update(result.metrics)
+            families.setdefault(result.family, [])
+            families[result.family] += [m for m in result.metrics if m not in families[result.family]]
+            notes += [n for n in result.notes if n not in notes]
+            if result.details:
+                write_details(out / f"{name}-{run_cfg.method.name}-{run.name}.csv", result.details)
+        rows.append(row)
+    return rows, families, notes, out
+
+
+def write_details(path: Path, rows: list[dict]) -> None:
+    with open(path, "x", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = configs.compose("bench", sys.argv[1:] if argv is None else argv)
+        rows, families, notes, out = evaluate(cfg)
+    except (configs.ConfigError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    paths = write_report(rows, out, families=families, title=f"clipcomp: {cfg.bench.name}", notes=notes)
+    columns = ["method", "run"] + [m for ms in families.values() for m in ms]
+    print(format_table(rows, columns))
+    print(f"\nwritten: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The shapes-world benchmarks, mirroring ARO and retrieval on a world whose scene graphs are exact.
+
+- Syn-Relation: the true caption against the same caption with a relation's subject and object swapped
+  (ARO VG-Relation's idea; a tie counts as wrong, as in ARO's VG benchmarks).
+- Syn-Attribution: the true caption against the one with the two objects' attributes swapped (tie = wrong).
+- Syn-Order: the true caption against ARO's four word-order shuffles of it (tie = right, as ARO's Order).
+- Syn-Retrieval: image->text and text->image Recall@1/5/10 with the canonical caption of each test image.
+Every test image is encoded once and shared by the four benchmarks.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from benchmarks.base import BENCHMARKS, BenchContext, BenchResult
+from benchmarks.scoring import (choice_correct, encode_image_dataset, encode_unique_texts, retrieval_metrics,
+                                score_options)
+from datamodules.negatives import order_negatives, swap_attributes, swap_relation
+from datamodules.shapes import ShapesWorld, render_caption, word_tags
+
+FAMILY_CHOICE, FAMILY_RETRIEVAL = "syn_choice", "syn_retrieval"
+
+
+def world(ctx: BenchContext) -> ShapesWorld:
+    """The test split of the world the run trained on (or the default world), with the bench's overrides."""
+    def make() -> ShapesWorld:
+        options = OmegaConf.structured(ShapesWorld.Config)
+        data = ctx.run_cfg.get("data", {})
+        if data.get("source") == "shapes":
+            options = OmegaConf.merge(options, data.options)
+        if ctx.spec.get("data"):
+            options = OmegaConf.merge(options, ctx.spec.data)
+        return ShapesWorld(OmegaConf.to_object(options), ctx.spec.split)
+    return ctx.cached("syn_world", make)
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, w: ShapesWorld, preprocess) -> None:
+        self.w, self.preprocess = w, preprocess
+
+    def __len__(self) -> int:
+        return len(self.w)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.preprocess(self.w.render(self.w.graph(i)))
+
+
+def image_features(ctx: BenchContext) -> torch.Tensor:
+    w = world(ctx)
+    return ctx.cached("syn_images", lambda: encode_image_dataset(ctx.model, _Images(w, ctx.preprocess),
+                                                                  batch_size=ctx.spec.batch_size, desc="syn images"))
+
+
+def graphs(ctx: BenchContext) -> list:
+    w = world(ctx)
+    return ctx.cached("syn_graphs", lambda: [w.mentioned(w.graph(i)) for i in range(len(w))])
+
+
+def choice_benchmark(ctx: BenchContext, options: list[list[str]], ties: str) -> tuple[float, torch.Tensor]:
+    """Accuracy of picking option 0 (the true caption) for each test image, under the given tie rule."""
+    k = len(options[0])
+    feats = encode_unique_texts(ctx.model, [t for row in options for t in row], batch_size=ctx.spec.batch_size)
+    scores = score_options(image_features(ctx), feats.view(len(options), k, -1))  # (N, K)
+    correct = choice_correct(scores, 0, ties=ties)
+    return correct.float().mean().item(), correct
+
+
+@BENCHMARKS.register("syn_relation")
+def syn_relation(ctx: BenchContext) -> BenchResult:
+    options = [[render_caption(g), render_caption(swap_relation(g, 0))] for g in graphs(ctx)]
+    acc, _ = choice_benchmark(ctx, options, ties="wrong")
+    return BenchResult({"syn_relation": acc}, FAMILY_CHOICE, notes=["Syn-Relation: tie counts as wrong; chance 0.5"])
+
+
+@BENCHMARKS.register("syn_attribution")
+def syn_attribution(ctx: BenchContext) -> BenchResult:
+    options = [[render_caption(g), render_caption(swap_attributes(g, 0, 1))] for g in graphs(ctx)]
+    acc, _ = choice_benchmark(ctx, options, ties="wrong")
+    return BenchResult({"syn_attribution": acc}, FAMILY_CHOICE,
+                       notes=["Syn-Attribution: tie counts as wrong; chance 0.5"])
+
+
+@BENCHMARKS.register("syn_order")
+def syn_order(ctx: BenchContext) -> BenchResult:
+    rng = np.random.default_rng(ctx.spec.seed)
+    options = []
+    for g in graphs(ctx):
+        caption = render_caption(g)
+        words, tags = zip(*word_tags(caption))
+        options.append([caption, *order_negatives(list(words), list(tags), rng)])
+    acc, _ = choice_benchmark(ctx, options, ties="right")
+    return BenchResult({"syn_order": acc}, FAMILY_CHOICE,
+                       notes=[f"Syn-Order: 4 ARO shuffles (seed {ctx.spec.seed}); tie counts as right, as in ARO; chance 0.2"])
+
+
+@BENCHMARKS.register("syn_retrieval")
+def syn_retrieval(ctx: BenchContext) -> BenchResult:
+    captions = [render_caption(g) for g in graphs(ctx)]
+    text = encode_unique_texts(ctx.model, captions, batch_size=ctx.spec.batch_size)
+    # a caption is exact, so it truly describes every test image whose canonical caption it is
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    caption_id = torch.tensor([ids[c] for c in captions])
+    positives = caption_id[:, None] == caption_id[None, :]  # (N_text, N_image)
+    m = retrieval_metrics(image_features(ctx), text, positives=positives, ks=(1, 5, 10))
+    metrics = {f"syn_retrieval/i2t_R@{k}": m[f"text_retrieval_recall@{k}"] for k in (1, 5, 10)}
+    metrics |= {f"syn_retrieval/t2i_R@{k}": m[f"image_retrieval_recall@{k}"] for k in (1, 5, 10)}
+    return BenchResult(metrics, FAMILY_RETRIEVAL,
+                       notes=[f"Syn-Retrieval: {len(captions)} test images with their canonical captions ({len(ids)} distinct); "
+                              f"R@1 chance about {1 / len(captions):.4f}"])

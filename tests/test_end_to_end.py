@@ -1,0 +1,56 @@
+"""Train a few steps, then bench: the run folder, the checkpoints, the table and the report files."""
+from __future__ import annotations
+
+import csv
+import json
+
+import torch
+
+from benchmarks.run import main as bench_main
+from methods.train import train
+
+SYN = ("syn_relation", "syn_attribution", "syn_order", "syn_retrieval/i2t_R@1")
+
+
+def test_train_then_bench(make_cfg, tmp_path, capsys):
+    cfg = make_cfg()
+    run = train(cfg)
+    assert run.parent.name == "clip" and (run / "config.yaml").is_file()
+    for name in ("last", "best"):
+        ckpt = torch.load(run / "checkpoints" / f"{name}.ckpt", map_location="cpu", weights_only=True)
+        assert "state_dict" in ckpt and ckpt["hyper_parameters"]["cfg"]["method"]["name"] == "clip"
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("train/loss") for r in rows) and any(r.get("val/loss") for r in rows)
+    speed = json.loads((run / "throughput.json").read_text())
+    assert speed["global_batch"] == cfg.data.batch_size
+
+    # a second run of the same config never reuses the first one's folder
+    assert train(cfg) != run
+
+    out = tmp_path / "results"
+    assert bench_main([f"runs=[{run}]", f"out_dir={out}", "ckpt=last"]) == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in SYN) and "| clip |" in printed
+    (folder,) = out.iterdir()
+    assert {"results.md", "results.csv", "syn_choice.png", "syn_retrieval.png"} <= {p.name for p in folder.iterdir()}
+    with open(folder / "results.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert 0.0 <= float(row["syn_relation"]) <= 1.0
+    # benching again writes a new folder, the first report stays
+    assert bench_main([f"runs=[{run}]", f"out_dir={out}", "ckpt=last"]) == 0
+    assert len(list(out.iterdir())) == 2
+
+
+def test_bench_finds_the_latest_run_of_each_method(make_cfg, tmp_path, capsys):
+    cfg = make_cfg("trainer.limit_train_batches=1", "trainer.limit_val_batches=1")
+    train(cfg)
+    latest = train(cfg)
+    assert bench_main([f"runs_dir={cfg.runs_dir}", f"out_dir={tmp_path / 'r'}", "bench.benchmarks=[syn_relation]"]) == 0
+    out = capsys.readouterr().out
+    assert str(latest) in out and out.count("| clip |") == 1
+
+
+def test_bench_without_runs_says_what_to_do(tmp_path, capsys):
+    assert bench_main([f"runs_dir={tmp_path / 'none'}", f"out_dir={tmp_path / 'r'}"]) == 2
+    assert "make train" in capsys.readouterr().err
