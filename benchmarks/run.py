@@ -77,17 +77,20 @@ def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, list[str]], list[st
     rows, families, notes = [], {}, []
     for run in runs:
         module, run_cfg = load_run(run, cfg.ckpt, device)
-        ctx = BenchContext(module, module.preprocess_val, run_cfg, cfg.bench)
-        row = {"method": run_cfg.method.name, "run": str(run)}
-        for name in names:
-            result = BENCHMARKS.get(name)(ctx)
-            row.update(result.metrics)
-            families.setdefault(result.family, [])
-            families[result.family] += [m for m in result.metrics if m not in families[result.family]]
-            notes += [n for n in result.notes if n not in notes]
-            if result.details:
-                write_details(out / f"{name}-{run_cfg.method.name}-{run.name}.csv", result.details)
-        rows.append(row)
+        for variant, settings in module.eval_variants().items():
+            module.set_eval_variant(**settings)
+            method = run_cfg.method.name + (f"/{variant}" if variant else "")
+            ctx = BenchContext(module, module.preprocess_val, run_cfg, cfg.bench)
+            row = {"method": method, "run": str(run), "seed": run_cfg.seed}
+            for name in names:
+                result = BENCHMARKS.get(name)(ctx)
+                row.update(result.metrics)
+                families.setdefault(result.family, [])
+                families[result.family] += [m for m in result.metrics if m not in families[result.family]]
+                notes += [n for n in result.notes if n not in notes]
+                if result.details:
+                    write_details(out / f"{name}-{method.replace('/', '-')}-{run.name}.csv", result.details)
+            rows.append(row)
     return rows, families, notes, out
 
 
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     paths = write_report(rows, out, families=families, title=f"clipcomp: {cfg.bench.name}", notes=notes)
-    columns = ["method", "run"] + [m for ms in families.values() for m in ms]
+    columns = ["method", "run", "seed"] + [m for ms in families.values() for m in ms]
     print(format_table(rows, columns))
     print(f"\nwritten: {', '.join(str(p) for p in paths.values())}")
     return 0

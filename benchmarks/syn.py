@@ -5,7 +5,8 @@
 - Syn-Attribution: the true caption against the one with the two objects' attributes swapped (tie = wrong).
 - Syn-Order: the true caption against ARO's four word-order shuffles of it (tie = right, as ARO's Order).
 - Syn-Retrieval: image->text and text->image Recall@1/5/10 with the canonical caption of each test image.
-Every test image is encoded once and shared by the four benchmarks.
+Every test image is encoded once and shared by the four benchmarks. Each caption option is passed with its
+own exact scene graph (the swapped graph for a swap), for methods that read graphs at test time.
 """
 from __future__ import annotations
 
@@ -57,10 +58,14 @@ def graphs(ctx: BenchContext) -> list:
     return ctx.cached("syn_graphs", lambda: [w.mentioned(w.graph(i)) for i in range(len(w))])
 
 
-def choice_benchmark(ctx: BenchContext, options: list[list[str]], ties: str) -> tuple[float, torch.Tensor]:
-    """Accuracy of picking option 0 (the true caption) for each test image, under the given tie rule."""
+def choice_benchmark(ctx: BenchContext, options: list[list[str]], ties: str,
+                     option_graphs: list[list] | None = None) -> tuple[float, torch.Tensor]:
+    """Accuracy of picking option 0 (the true caption) for each test image, under the given tie rule.
+    `option_graphs` gives each option its own scene graph, for methods that read graphs at test time."""
     k = len(options[0])
-    feats = encode_unique_texts(ctx.model, [t for row in options for t in row], batch_size=ctx.spec.batch_size)
+    graphs_flat = [g for row in option_graphs for g in row] if option_graphs is not None else None
+    feats = encode_unique_texts(ctx.model, [t for row in options for t in row], graphs_flat,
+                                batch_size=ctx.spec.batch_size)
     scores = score_options(image_features(ctx), feats.view(len(options), k, -1))  # (N, K)
     correct = choice_correct(scores, 0, ties=ties)
     return correct.float().mean().item(), correct
@@ -68,15 +73,17 @@ def choice_benchmark(ctx: BenchContext, options: list[list[str]], ties: str) -> 
 
 @BENCHMARKS.register("syn_relation")
 def syn_relation(ctx: BenchContext) -> BenchResult:
-    options = [[render_caption(g), render_caption(swap_relation(g, 0))] for g in graphs(ctx)]
-    acc, _ = choice_benchmark(ctx, options, ties="wrong")
+    option_graphs = [[g, swap_relation(g, 0)] for g in graphs(ctx)]
+    options = [[render_caption(g) for g in row] for row in option_graphs]
+    acc, _ = choice_benchmark(ctx, options, ties="wrong", option_graphs=option_graphs)
     return BenchResult({"syn_relation": acc}, FAMILY_CHOICE, notes=["Syn-Relation: tie counts as wrong; chance 0.5"])
 
 
 @BENCHMARKS.register("syn_attribution")
 def syn_attribution(ctx: BenchContext) -> BenchResult:
-    options = [[render_caption(g), render_caption(swap_attributes(g, 0, 1))] for g in graphs(ctx)]
-    acc, _ = choice_benchmark(ctx, options, ties="wrong")
+    option_graphs = [[g, swap_attributes(g, 0, 1)] for g in graphs(ctx)]
+    options = [[render_caption(g) for g in row] for row in option_graphs]
+    acc, _ = choice_benchmark(ctx, options, ties="wrong", option_graphs=option_graphs)
     return BenchResult({"syn_attribution": acc}, FAMILY_CHOICE,
                        notes=["Syn-Attribution: tie counts as wrong; chance 0.5"])
 
@@ -89,15 +96,16 @@ def syn_order(ctx: BenchContext) -> BenchResult:
         caption = render_caption(g)
         words, tags = zip(*word_tags(caption))
         options.append([caption, *order_negatives(list(words), list(tags), rng)])
-    acc, _ = choice_benchmark(ctx, options, ties="right")
+    acc, _ = choice_benchmark(ctx, options, ties="right")  # a shuffle has no scene graph: no option gets one
     return BenchResult({"syn_order": acc}, FAMILY_CHOICE,
-                       notes=[f"Syn-Order: 4 ARO shuffles (seed {ctx.spec.seed}); tie counts as right, as in ARO; chance 0.2"])
+                       notes=[f"Syn-Order: 4 ARO shuffles (seed {ctx.spec.seed}); tie counts as right, as in ARO; chance 0.2; "
+                              "no option carries a scene graph"])
 
 
 @BENCHMARKS.register("syn_retrieval")
 def syn_retrieval(ctx: BenchContext) -> BenchResult:
     captions = [render_caption(g) for g in graphs(ctx)]
-    text = encode_unique_texts(ctx.model, captions, batch_size=ctx.spec.batch_size)
+    text = encode_unique_texts(ctx.model, captions, graphs(ctx), batch_size=ctx.spec.batch_size)
     # a caption is exact, so it truly describes every test image whose canonical caption it is
     ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
     caption_id = torch.tensor([ids[c] for c in captions])

@@ -75,6 +75,7 @@ class TrainConfig:
     seed: int = 0
     runs_dir: str = "runs"
     run_name: Optional[str] = None  # appended to the run folder's timestamp
+    cache_dir: str = ".cache"  # work done once and reused (e.g. NegCLIP's image neighbours)
     method: Any = None  # validated by the method's own Config
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -7,7 +7,6 @@ each name is looked up in `FIELDS`, whose builders make one value per sample.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -15,8 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from configs.registry import Registry
-from datamodules.source import SOURCES, Sample, Source
+from datamodules.fields import FIELDS, FieldContext
+from datamodules.source import SOURCES, Source
 
 
 class CachedTokenizer:
@@ -33,50 +32,18 @@ class CachedTokenizer:
         return torch.stack([self.cache[t] for t in texts])  # (N, L)
 
 
-@dataclass
-class FieldContext:
-    """What a field builder may use besides the sample."""
-
-    tokenize: CachedTokenizer
-    rng: random.Random
-    split: str
-
-
-# name -> builder(sample, caption_index, ctx) -> value (a tensor is stacked in the batch, anything else listed)
-FieldBuilder = Callable[[Sample, int, FieldContext], Any]
-FIELDS: Registry[FieldBuilder] = Registry("batch field")
-MAX_BOXES = 8
-
-
-@FIELDS.register("boxes")
-def boxes_field(sample: Sample, caption_index: int, ctx: FieldContext) -> torch.Tensor:
-    """Object boxes (x, y, w, h) as fractions of the image size, padded with -1 to (MAX_BOXES, 4)."""
-    out = torch.full((MAX_BOXES, 4), -1.0)
-    if sample.graph is not None:
-        w, h = sample.image.size
-        for k, e in enumerate(sample.graph.objects[:MAX_BOXES]):
-            if e.box is not None:
-                out[k] = torch.tensor([e.box[0] / w, e.box[1] / h, e.box[2] / w, e.box[3] / h])
-    return out
-
-
-@FIELDS.register("partial_text")
-def partial_text_field(sample: Sample, caption_index: int, ctx: FieldContext) -> torch.Tensor:
-    """Token ids of one true partial caption (one object, or one relation), drawn at random."""
-    text = ctx.rng.choice(sample.partial_captions) if sample.partial_captions else sample.captions[caption_index]
-    return ctx.tokenize([text])[0]
-
-
 class CaptionDataset(Dataset):
     """Image-caption pairs from a source: one true caption per image each time it is drawn."""
 
     def __init__(self, source: Source, transform: Callable, tokenize: CachedTokenizer, *, split: str,
-                 caption_sampling: str = "first", fields: Sequence[str] = ()) -> None:
+                 caption_sampling: str = "first", fields: Sequence[str] = (),
+                 field_options: dict[str, Any] | None = None) -> None:
         if caption_sampling not in ("random", "first"):
             raise ValueError(f"caption_sampling must be 'random' or 'first', got '{caption_sampling}'")
         self.source, self.transform, self.tokenize, self.split = source, transform, tokenize, split
         self.random_caption = caption_sampling == "random"
         self.builders = {name: FIELDS.get(name) for name in fields}
+        self.field_options = field_options if field_options is not None else {}  # shared: filled in before fit
 
     def __len__(self) -> int:
         return len(self.source)
@@ -93,9 +60,13 @@ class CaptionDataset(Dataset):
             "graph": sample.graph,
             "index": index,
         }
-        ctx = FieldContext(self.tokenize, random, self.split)
+        ctx = FieldContext(self.tokenize, random, self.split, self.source, self.transform, index, self.field_options)
         for name, build in self.builders.items():
-            item[name] = build(sample, k, ctx)
+            value = build(sample, k, ctx)
+            if isinstance(value, dict):
+                item.update(value)
+            else:
+                item[name] = value
         return item
 
 
@@ -142,13 +113,14 @@ class CaptionDataModule(L.LightningDataModule):
     """Serves any source through the model's preprocessing and tokenizer, plus the fields a method asks for."""
 
     def __init__(self, cfg: DictConfig, *, preprocess_train: Callable, preprocess_val: Callable,
-                 tokenizer: Callable, extra_fields: Sequence[str] = ()) -> None:
+                 tokenizer: Callable, extra_fields: Sequence[str] = (), field_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.preprocess_train = preprocess_train if cfg.augment else preprocess_val
         self.preprocess_val = preprocess_val
         self.tokenize = CachedTokenizer(tokenizer)
         self.extra_fields = tuple(extra_fields)
+        self.field_options = dict(field_options or {})
         for name in self.extra_fields:
             FIELDS.get(name)  # an unknown field fails now, listing the known ones
         self.datasets: dict[str, CaptionDataset] = {}
@@ -158,7 +130,9 @@ class CaptionDataModule(L.LightningDataModule):
             train = split == "train"
             self.datasets[split] = CaptionDataset(
                 build_source(self.cfg, split), self.preprocess_train if train else self.preprocess_val, self.tokenize,
-                split=split, caption_sampling=self.cfg.caption_sampling if train else "first", fields=self.extra_fields,
+                split=split, caption_sampling=self.cfg.caption_sampling if train else "first",
+                fields=self.extra_fields if train else (),  # validation and test use the plain pairs
+                field_options=self.field_options,
             )
         return self.datasets[split]
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from datamodules.graph import Entity, Relation, SceneGraph
+from datamodules.negatives import order_negatives, swap_attributes, swap_relation
 from datamodules.source import SOURCES, SPLITS, Sample
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
@@ -69,6 +70,19 @@ def render_caption(graph: SceneGraph, template: int = 0, converse: bool = False)
         s_, o_ = phrase(s), phrase(o)
         clauses.append(TEMPLATES[template].format(s=s_, o=o_, a_s=indefinite(s_), a_o=indefinite(o_), p=text))
     return " and ".join(clauses)
+
+
+def converse(graph: SceneGraph) -> SceneGraph:
+    """The same facts with every relation stated the other way ("a left of b" -> "b right of a")."""
+    return graph.with_relations(tuple(Relation(r.object, PREDICATES[r.predicate][1], r.subject) for r in graph.relations))
+
+
+def swap_names(graph: SceneGraph, i: int = 0, j: int = 1) -> SceneGraph:
+    """The graph with the nouns (shapes) of objects i and j exchanged, attributes left in place."""
+    objects = list(graph.objects)
+    a, b = objects[i], objects[j]
+    objects[i], objects[j] = Entity(b.name, a.attributes, a.box), Entity(a.name, b.attributes, b.box)
+    return graph.with_objects(tuple(objects))
 
 
 def word_tags(caption: str) -> list[tuple[str, str]]:
@@ -209,10 +223,33 @@ class ShapesWorld:
             draw(canvas, e.name, e.box, COLOURS[colour])
         return image
 
+    @staticmethod
+    def caption_forms() -> list[tuple[int, bool]]:
+        """(template, converse) of each full caption, in the order of `captions`."""
+        return [(t, conv) for conv in (False, True) for t in range(len(TEMPLATES))]
+
     def captions(self, graph: SceneGraph) -> list[str]:
         """Every true full caption: each template, each direction; captions[0] is the canonical one."""
         g = self.mentioned(graph)
-        return [render_caption(g, t, conv) for conv in (False, True) for t in range(len(TEMPLATES))]
+        return [render_caption(g, t, conv) for t, conv in self.caption_forms()]
+
+    def negative_captions(self, graph: SceneGraph, template: int, conv: bool, seed: int) -> dict[str, str]:
+        """Captions false of the scene, in the same template and direction as a true one: the first relation's
+        subject and object swapped, the first two objects' attributes swapped, their nouns swapped, and a
+        word-order shuffle (one of ARO's four, chosen by `seed`)."""
+        g = self.mentioned(graph)
+        out = {
+            "relation": render_caption(swap_relation(g, 0), template, conv),
+            "attribute": render_caption(swap_attributes(g, 0, 1), template, conv),
+            "noun": render_caption(swap_names(g, 0, 1), template, conv),
+        }
+        caption = render_caption(g, template, conv)
+        words, tags = zip(*word_tags(caption))
+        rng = np.random.default_rng(seed)
+        shuffles = [s for s in order_negatives(list(words), list(tags), rng) if s != caption]
+        if shuffles:
+            out["shuffle"] = shuffles[int(rng.integers(len(shuffles)))]
+        return out
 
     def partial_captions(self, graph: SceneGraph) -> list[str]:
         """True captions of part of the scene: each mentioned object alone, each relation without attributes."""
@@ -224,10 +261,18 @@ class ShapesWorld:
 
     def __getitem__(self, index: int) -> Sample:
         graph = self.graph(index)
+        g = self.mentioned(graph)
+        forms = self.caption_forms()
         return Sample(
             image=self.render(graph),
             captions=self.captions(graph),
-            graph=self.mentioned(graph),
+            graph=g,
             key=f"shapes/{self.split}/{index}",
             partial_captions=self.partial_captions(graph),
+            extra={
+                # each caption's own scene graph (a converse caption states the converse relation)
+                "caption_graphs": [converse(g) if conv else g for _, conv in forms],
+                # caption index -> {kind: false caption}, made only when a method asks for it
+                "negative_captions": lambda k: self.negative_captions(graph, *forms[k], seed=index * 8 + k),
+            },
         )

@@ -21,7 +21,9 @@ class Sample:
     graph: SceneGraph | None = None
     key: str = ""  # a stable id ("shapes/test/17", a file path) for error messages and caches
     partial_captions: list[str] = field(default_factory=list)  # true captions of part of the image
-    extra: dict[str, Any] = field(default_factory=dict)  # source-specific extras (e.g. per-caption graphs)
+    # Per-caption extras that fields read where the source has them: "caption_graphs" (list, one graph per
+    # caption) and "negative_captions" (caption index -> {kind: a caption false of the image}).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Source(Protocol):

@@ -37,8 +37,10 @@ def gather_with_grad(x: Tensor) -> Tensor:
     rank, world = dist_info()
     if world == 1:
         return x
-    # torch.distributed.nn's all_gather is autograd-aware: its backward sums every rank's gradient for x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+    # an autograd-aware gather: its backward sums every rank's gradient for x (traceable by torch.compile)
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 class ContrastiveMethod(L.LightningModule):
@@ -48,17 +50,30 @@ class ContrastiveMethod(L.LightningModule):
     class Config:
         name: str = "clip"
 
-    extra_fields: ClassVar[tuple[str, ...]] = ()
+    extra_fields: ClassVar[tuple[str, ...]] = ()  # per-sample fields asked of the DataModule (datamodules/fields.py)
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
         self.save_hyperparameters({"cfg": cfg})  # plain containers: the checkpoint loads with weights_only=True
         self.cfg = OmegaConf.create(cfg)
+        self.mcfg = self.cfg.method  # this method's own options (its Config)
         self.model, self.preprocess_train, self.preprocess_val, self.tokenizer = create_backbone(self.cfg.model)
         self._encode_image, self._encode_text = self.model.encode_image, self.model.encode_text
         if self.cfg.model.compile:
             self._encode_image = torch.compile(self._encode_image)
             self._encode_text = torch.compile(self._encode_text)
+
+    # -- what the method asks of the data --------------------------------------------------------------
+    def fields(self) -> tuple[str, ...]:
+        """The extra per-sample fields this run needs (a method may drop some when a switch is off)."""
+        return self.extra_fields
+
+    def field_options(self) -> dict[str, Any]:
+        """Options the field builders read (e.g. which negative kinds are allowed)."""
+        return {}
+
+    def prepare_fields(self, datamodule: Any) -> None:
+        """Work done once before training that the fields need (e.g. a neighbour table); none by default."""
 
     # -- encoding ----------------------------------------------------------------------------------
     def encode_image_tensor(self, images: Tensor) -> Tensor:
@@ -68,6 +83,10 @@ class ContrastiveMethod(L.LightningModule):
         return self._encode_text(tokens, normalize=True)  # (B, D)
 
     def encode(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The features the training loss needs; a method that adds negatives encodes them here too."""
+        return self.encode_pairs(batch)
+
+    def encode_pairs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Normalised features of the batch's images and captions, and the learned temperature."""
         return {
             "image_features": self.encode_image_tensor(batch["image"]),
@@ -103,7 +122,7 @@ class ContrastiveMethod(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Held-out contrastive loss and in-batch retrieval accuracy (no collectives: batches may differ in size)."""
-        feats = self.encode(batch)
+        feats = self.encode_pairs(batch)  # the same held-out measure for every method
         img, txt = feats["image_features"], feats["text_features"]
         loss = contrastive_loss(img, txt, img, txt, feats["logit_scale"])
         sims = img @ txt.T  # (B, B)
@@ -136,6 +155,13 @@ class ContrastiveMethod(L.LightningModule):
             self.model.logit_scale.clamp_(0, math.log(self.cfg.optim.logit_scale_max))
 
     # -- what benchmarks see (benchmarks.scoring.Encoder) --------------------------------------------
+    def eval_variants(self) -> dict[str, dict[str, Any]]:
+        """Named ways to evaluate this model (suffix -> settings for `set_eval_variant`); one by default."""
+        return {"": {}}
+
+    def set_eval_variant(self, **settings: Any) -> None:
+        """Switch the evaluation behaviour (e.g. Structure-CLIP with or without its knowledge encoder)."""
+
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
         return self.encode_image_tensor(images.to(self.device)).float()

@@ -1,4 +1,10 @@
-"""Loss functions over already-gathered features: pure, so each is tested against a direct computation."""
+"""Loss functions over already-gathered features: pure, so each is tested against a direct computation.
+
+Every function takes this rank's rows and the global batch's columns (every rank's features, gathered
+with gradients, in rank order), and places this rank's positives at columns rank*B .. rank*B+B-1
+(local-loss semantics). Averaged over ranks, each equals its loss on the concatenated batch, and so do the
+gradients (tests/test_ddp_equivalence.py).
+"""
 from __future__ import annotations
 
 import torch
@@ -6,17 +12,53 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def contrastive_loss(image_features: Tensor, text_features: Tensor, all_image_features: Tensor,
-                     all_text_features: Tensor, logit_scale: Tensor, rank: int = 0) -> Tensor:
-    """Symmetric InfoNCE with local-loss semantics: this rank's rows against every rank's columns.
+def positive_columns(b: int, rank: int, device: torch.device) -> Tensor:
+    return torch.arange(b, device=device) + rank * b  # (B,)
 
-    Features are L2-normalised. `all_*` are the features of the global batch (every rank's, concatenated
-    in rank order, gathered with gradients), so the negatives are the global batch; the positives of this
-    rank's rows sit at columns rank*B .. rank*B+B-1. Averaged over ranks, this equals the loss of one
-    process on the concatenated batch, and so do its gradients (see tests/test_ddp_equivalence.py).
+
+def contrastive_loss(image_features: Tensor, text_features: Tensor, all_image_features: Tensor,
+                     all_text_features: Tensor, logit_scale: Tensor, rank: int = 0, *,
+                     all_extra_text: Tensor | None = None, all_extra_valid: Tensor | None = None) -> Tensor:
+    """Symmetric InfoNCE: this rank's rows against the global batch. Features are L2-normalised.
+
+    `all_extra_text` (N_extra, D) are extra columns for image->text only (NegCLIP's hard negative captions);
+    `all_extra_valid` (N_extra,) masks out the ones that do not exist. Text->image sees only the positives'
+    images, as NegCLIP's reference does (`logits_per_text[:len(logits_per_image)]`).
     """
-    b = image_features.shape[0]
-    labels = torch.arange(b, device=image_features.device) + rank * b  # (B,)
-    logits_per_image = logit_scale * image_features @ all_text_features.T  # (B, W*B)
+    labels = positive_columns(image_features.shape[0], rank, image_features.device)
+    texts = all_text_features
+    logits_per_image = logit_scale * image_features @ texts.T  # (B, W*B)
+    if all_extra_text is not None:
+        extra = logit_scale * image_features @ all_extra_text.T  # (B, N_extra)
+        if all_extra_valid is not None:
+            extra = extra.masked_fill(~all_extra_valid[None, :], float("-inf"))
+        logits_per_image = torch.cat([logits_per_image, extra], dim=1)  # (B, W*B + N_extra)
     logits_per_text = logit_scale * text_features @ all_image_features.T  # (B, W*B)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def max_violation_hinge(image_features: Tensor, text_features: Tensor, all_image_features: Tensor,
+                        all_text_features: Tensor, rank: int = 0, margin: float = 0.2) -> Tensor:
+    """VSE++'s max-violation triplet loss (Structure-CLIP's `WinoLoss`): for each pair, the hardest negative
+    caption of the image and the hardest negative image of the caption, each a hinge at `margin`."""
+    b = image_features.shape[0]
+    cols = positive_columns(b, rank, image_features.device)
+    rows = torch.arange(b, device=image_features.device)
+    i2t = image_features @ all_text_features.T  # (B, W*B)
+    t2i = text_features @ all_image_features.T  # (B, W*B)
+    pos_i2t, pos_t2i = i2t[rows, cols], t2i[rows, cols]  # (B,), (B,)
+    hardest_text = i2t.index_put((rows, cols), torch.tensor(float("-inf"), device=i2t.device)).max(dim=1).values
+    hardest_image = t2i.index_put((rows, cols), torch.tensor(float("-inf"), device=t2i.device)).max(dim=1).values
+    return (F.relu(margin + hardest_text - pos_i2t) + F.relu(margin + hardest_image - pos_t2i)).mean()
+
+
+def caption_margin_loss(image_features: Tensor, text_features: Tensor, negative_features: Tensor,
+                        valid: Tensor | None = None, margin: float = 0.1) -> Tensor:
+    """Each image must score its caption at least `margin` above the caption's negative (Structure-CLIP's
+    `MarginLoss`); items without a negative (`valid` False) do not count. Per-item, no gather needed."""
+    pos = (image_features * text_features).sum(-1)  # (B,)
+    neg = (image_features * negative_features).sum(-1)  # (B,)
+    hinge = F.relu(margin - (pos - neg))  # (B,)
+    if valid is None:
+        return hinge.mean()
+    return (hinge * valid).sum() / valid.sum().clamp(min=1)

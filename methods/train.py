@@ -44,10 +44,11 @@ def new_run_dir(cfg: DictConfig) -> Path:
 
 def build(cfg: DictConfig) -> tuple[L.LightningModule, CaptionDataModule]:
     """The method module and its DataModule for a config."""
-    method_cls = METHODS.get(cfg.method.name)
-    module = method_cls(configs.to_plain(cfg))
+    module = METHODS.get(cfg.method.name)(configs.to_plain(cfg))
     dm = CaptionDataModule(cfg.data, preprocess_train=module.preprocess_train, preprocess_val=module.preprocess_val,
-                           tokenizer=module.tokenizer, extra_fields=method_cls.extra_fields)
+                           tokenizer=module.tokenizer, extra_fields=module.fields(),
+                           field_options=module.field_options())
+    module.prepare_fields(dm)
     return module, dm
 
 

@@ -1,37 +1,40 @@
 """Two CPU processes under DistributedDataParallel give the loss and gradients of one process on the
-concatenated batch: the features are gathered with gradients, so the negatives are the global batch."""
+concatenated batch, for every method: features (and hard negatives) are gathered with gradients, so the
+negatives are the global batch."""
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import configs
-from datamodules.shapes import ShapesWorld
-from methods.base import METHODS
-from methods.train import compose_train
+from datamodules.datamodule import HostList, collate
+from methods import METHODS
+from methods.train import build, compose_train
 
 WORLD, B = 2, 4  # 2 ranks x 4 samples = a global batch of 8
-ARGV = ["data.num_workers=0"]
+METHOD_ARGS = {"structureclip": ["method.kee_layers=2", "method.kee_dropout=0"]}  # dropout draws differ per process
 
 
-def make_module_and_batch():
+def make_module_and_batch(method: str, cache_dir: str):
     torch.manual_seed(0)
-    cfg = compose_train(ARGV)
-    module = METHODS.get("clip")(configs.to_plain(cfg))
+    cfg = compose_train([f"method={method}", "data.num_workers=0", "data.options.train_size=32",
+                         "data.caption_sampling=first", f"cache_dir={cache_dir}", *METHOD_ARGS.get(method, [])])
+    module, dm = build(cfg)
     with torch.no_grad():  # a temperature away from its init, so the scale's gradient is checked too
         module.model.logit_scale.fill_(2.0)
-    world = ShapesWorld(ShapesWorld.Config(), "train")
-    samples = [world[i] for i in range(WORLD * B)]
-    batch = {
-        "image": torch.stack([module.preprocess_val(s.image) for s in samples]),
-        "text": module.tokenizer([s.captions[0] for s in samples]),
-    }
-    return module, batch
+    random.seed(0)  # the fields draw negatives and neighbours with `random`
+    ds = dm.dataset("train")
+    return module, collate([ds[i] for i in range(WORLD * B)])
+
+
+def take(batch: dict, lo: int, hi: int) -> dict:
+    return {k: HostList(v.items[lo:hi]) if isinstance(v, HostList) else v[lo:hi] for k, v in batch.items()}
 
 
 class LossOf(torch.nn.Module):
@@ -45,14 +48,13 @@ class LossOf(torch.nn.Module):
         return self.method.training_loss(batch)[0]
 
 
-def _rank(rank: int, init_file: str, out_dir: str) -> None:
+def _rank(rank: int, method: str, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        module, batch = make_module_and_batch()
-        local = {k: v[rank * B:(rank + 1) * B] for k, v in batch.items()}
+        module, batch = make_module_and_batch(method, out_dir)
         ddp = torch.nn.parallel.DistributedDataParallel(LossOf(module))
-        loss = ddp(local)
+        loss = ddp(take(batch, rank * B, (rank + 1) * B))
         loss.backward()  # DDP averages the gradients over ranks here
         grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
         torch.save({"loss": loss.detach(), "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
@@ -60,12 +62,12 @@ def _rank(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_process_ddp_equals_one_process_on_the_concatenated_batch():
+@pytest.mark.parametrize("method", METHODS.names())
+def test_two_process_ddp_equals_one_process_on_the_concatenated_batch(method):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        mp.spawn(_rank, args=(method, os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
         ranks = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-
-    module, batch = make_module_and_batch()
+        module, batch = make_module_and_batch(method, tmp)
     loss = module.training_loss(batch)[0]
     loss.backward()
     single = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
@@ -76,5 +78,5 @@ def test_two_process_ddp_equals_one_process_on_the_concatenated_batch():
     for r in ranks:
         for name, g in single.items():
             torch.testing.assert_close(r["grads"][name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    # the check has teeth: the per-rank loss alone (no gathered negatives) is a different loss
+    # the check has teeth: a rank's loss alone (its local negatives) is not the global loss
     assert not torch.allclose(ranks[0]["loss"], loss.detach(), rtol=1e-3)

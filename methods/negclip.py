@@ -1,0 +1,106 @@
+"""NegCLIP (Yuksekgonul et al., ICLR 2023): hard negative captions and hard negative images.
+
+Each item brings a hard negative caption (a swap of its relation's arguments, of its attributes, of its
+nouns, or a word shuffle; on the shapes world made from the exact scene graph) and a neighbour image (a
+nearest neighbour in the starting model's image-embedding space) with its own caption and hard caption.
+A batch of B gives 2B images against 4B texts: image->text over every text, text->image over the 2B
+positive captions only, as the reference does; every rank's texts join the gather.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from methods.base import METHODS, ContrastiveMethod, dist_info
+from methods.losses import contrastive_loss
+
+NEGATIVE_KINDS = ("relation", "attribute", "noun", "shuffle")
+
+
+@METHODS.register("negclip")
+class NegCLIP(ContrastiveMethod):
+    """CLIP with NegCLIP's hard negatives joining the image->text logits."""
+
+    @dataclass
+    class Config:
+        name: str = "negclip"
+        negative_kinds: list[str] = field(default_factory=lambda: list(NEGATIVE_KINDS))
+        hard_images: bool = True  # a neighbour image per item (off: hard captions only)
+        neighbours: int = 3  # the reference's file holds 3 neighbour rows per item
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        unknown = set(self.mcfg.negative_kinds) - set(NEGATIVE_KINDS)
+        if unknown:
+            raise ValueError(f"negclip: unknown negative kinds {sorted(unknown)}; available: {', '.join(NEGATIVE_KINDS)}")
+
+    def fields(self) -> tuple[str, ...]:
+        return ("neg_text", "hard_image") if self.mcfg.hard_images else ("neg_text",)
+
+    def field_options(self) -> dict[str, Any]:
+        return {"negative_kinds": list(self.mcfg.negative_kinds)}
+
+    def prepare_fields(self, datamodule: Any) -> None:
+        if self.mcfg.hard_images:
+            datamodule.field_options["neighbours"] = self.neighbour_table(datamodule.dataset("train"))
+
+    @torch.no_grad()
+    def neighbour_table(self, dataset: Any) -> Tensor:
+        """(N, k) nearest neighbours of each training image by the starting model's image features,
+        computed once per (data, model, seed) and cached."""
+        key = json.dumps([self.cfg.data.source, self.cfg.data.get("options"), self.cfg.model, self.cfg.seed,
+                          self.mcfg.neighbours], sort_keys=True, default=str)
+        path = Path(self.cfg.cache_dir) / f"neighbours-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=True)
+        was_training = self.training
+        self.eval()
+        feats = []
+        for start in range(0, len(dataset), 256):
+            images = torch.stack([dataset.transform(dataset.source[i].image)
+                                  for i in range(start, min(start + 256, len(dataset)))])
+            feats.append(self.encode_image_tensor(images.to(self.device)).float().cpu())
+        self.train(was_training)
+        feats = torch.cat(feats)  # (N, D)
+        table = []
+        for start in range(0, len(feats), 1024):
+            sims = feats[start:start + 1024] @ feats.T  # (chunk, N)
+            sims[torch.arange(len(sims)), torch.arange(start, start + len(sims))] = float("-inf")  # not itself
+            table.append(sims.topk(self.mcfg.neighbours, dim=1).indices)
+        table = torch.cat(table)  # (N, k)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(table, tmp)
+        tmp.replace(path)
+        return table
+
+    def encode(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Every image (items and neighbours) in one pass, every text (positives and negatives) in another."""
+        hard = self.mcfg.hard_images
+        images = torch.cat([batch["image"], batch["hard_image"]]) if hard else batch["image"]  # (2B or B, 3, H, W)
+        pos = [batch["text"], batch["hard_text"]] if hard else [batch["text"]]
+        neg = [batch["neg_text"], batch["hard_neg_text"]] if hard else [batch["neg_text"]]
+        texts = self.encode_text_tokens(torch.cat(pos + neg))  # (4B or 2B, D)
+        n = images.shape[0]
+        valid = torch.cat([batch["has_neg"], batch["hard_has_neg"]]) if hard else batch["has_neg"]
+        return {
+            "image_features": self.encode_image_tensor(images),
+            "text_features": texts[:n],
+            "neg_text_features": texts[n:],
+            "neg_valid": valid.bool(),
+            "logit_scale": self.model.logit_scale.exp(),
+        }
+
+    def loss_terms(self, batch: dict[str, Any], feats: dict[str, Tensor]) -> dict[str, Tensor]:
+        rank, _ = dist_info()
+        img, txt = feats["image_features"], feats["text_features"]
+        loss = contrastive_loss(img, txt, self.gather(img), self.gather(txt), feats["logit_scale"], rank,
+                                all_extra_text=self.gather(feats["neg_text_features"]),
+                                all_extra_valid=self.gather(feats["neg_valid"].float()) > 0.5)
+        return {"contrastive_loss": loss}

@@ -1,0 +1,141 @@
+"""Every registered method takes a finite step on the tiny model and moves what it should; the methods'
+loss terms match direct computations on hand-made batches; their negatives are false of the scene."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datamodules.datamodule import collate
+from methods import METHODS
+from methods.losses import caption_margin_loss, contrastive_loss, max_violation_hinge
+from methods.train import build
+
+SMALL = {"structureclip": ["method.kee_layers=2"]}
+
+
+def batch_of(make_cfg, method: str, *argv: str, n: int = 8):
+    cfg = make_cfg(f"method={method}", *SMALL.get(method, []), *argv)
+    module, dm = build(cfg)
+    random.seed(0)
+    ds = dm.dataset("train")
+    return module, collate([ds[i] for i in range(n)])
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_one_finite_step_moves_every_trainable_parameter(make_cfg, method, tmp_path):
+    module, batch = batch_of(make_cfg, method, f"cache_dir={tmp_path}")
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    loss, terms = module.training_loss(batch)
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
+    assert any(k.endswith("_loss") for k in terms)
+    loss.backward()
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    no_grad = {n for n, p in module.named_parameters() if p.requires_grad and p.grad is None}
+    assert not no_grad, f"trainable parameters no loss term reaches (DDP would stall on them): {sorted(no_grad)}"
+    torch.optim.SGD(module.parameters(), lr=0.1).step()
+    moved = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == trainable
+    assert any(n.startswith("model.visual") for n in moved) and any(n.startswith("model.transformer") for n in moved)
+    if method == "structureclip":
+        assert any(n.startswith("kee.layers") for n in moved) and "model.logit_scale" not in moved
+
+
+def test_negclip_batch_is_2b_images_against_4b_texts(make_cfg, tmp_path):
+    module, batch = batch_of(make_cfg, "negclip", f"cache_dir={tmp_path}")
+    feats = module.encode(batch)
+    assert feats["image_features"].shape[0] == 16 and feats["text_features"].shape[0] == 16
+    assert feats["neg_text_features"].shape[0] == 16 and feats["neg_valid"].all()
+    # the second half of the images are the items' neighbours, with their own captions
+    assert not torch.equal(batch["hard_image"], batch["image"]) and batch["hard_text"].shape == batch["text"].shape
+
+
+def test_negclip_neighbours_are_nearest_and_cached(make_cfg, tmp_path):
+    cfg = make_cfg("method=negclip", f"cache_dir={tmp_path}")
+    module, dm = build(cfg)
+    table = dm.field_options["neighbours"]
+    ds = dm.dataset("train")
+    assert table.shape == (len(ds), 3) and not (table == torch.arange(len(ds))[:, None]).any()
+    with torch.no_grad():
+        feats = module.encode_image_tensor(torch.stack([ds.transform(ds.source[i].image) for i in range(len(ds))]))
+    sims = feats @ feats.T
+    sims.fill_diagonal_(-2)
+    torch.testing.assert_close(sims.topk(3, dim=1).values, sims.gather(1, table))
+    assert len(list(tmp_path.glob("neighbours-*.pt"))) == 1
+    assert torch.equal(module.neighbour_table(ds), table)  # read back from the cache
+
+
+def test_negclip_loss_is_the_reference_2b_by_4b_loss():
+    """NegCLIP's reference: logits 2B x 4B; CE over all texts for images, over the first 2B for texts."""
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(4, 6, generator=g, dtype=torch.float64), dim=-1)  # 2B = 4
+    txt = F.normalize(torch.randn(8, 6, generator=g, dtype=torch.float64), dim=-1)  # 4B = 8
+    s = 5.0
+    logits = s * img @ txt.T  # (4, 8)
+    labels = torch.arange(4)
+    reference = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T[:4], labels)) / 2
+    got = contrastive_loss(img, txt[:4], img, txt[:4], torch.tensor(s, dtype=torch.float64), all_extra_text=txt[4:])
+    torch.testing.assert_close(got, reference)
+    # a missing negative drops out of the softmax
+    valid = torch.tensor([True, False, True, True])
+    masked = contrastive_loss(img, txt[:4], img, txt[:4], torch.tensor(s, dtype=torch.float64),
+                              all_extra_text=txt[4:], all_extra_valid=valid)
+    keep = [0, 1, 2, 3, 4, 6, 7]
+    ref2 = (F.cross_entropy(logits[:, keep], labels) + F.cross_entropy(logits.T[:4], labels)) / 2
+    torch.testing.assert_close(masked, ref2)
+
+
+def test_hinge_and_margin_losses_by_hand():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    txt = torch.tensor([[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]])
+    s = img @ txt.T  # s[i, j] = image i with caption j
+    expected = 0.0
+    for i in range(3):
+        hardest_caption = max(s[i, j] for j in range(3) if j != i)
+        hardest_image = max(s[j, i] for j in range(3) if j != i)
+        expected += max(0.0, 0.2 + hardest_caption - s[i, i]) + max(0.0, 0.2 + hardest_image - s[i, i])
+    got = max_violation_hinge(img, txt, img, txt, margin=0.2)
+    assert math.isclose(got.item(), expected / 3, rel_tol=1e-6)
+    neg = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    pos_scores, neg_scores = (img * txt).sum(1), (img * neg).sum(1)
+    by_hand = [max(0.0, 0.1 - (p - n)) for p, n in zip(pos_scores.tolist(), neg_scores.tolist())]
+    assert math.isclose(caption_margin_loss(img, txt, neg).item(), sum(by_hand) / 3, rel_tol=1e-6)
+    valid = torch.tensor([1.0, 0.0, 1.0])
+    assert math.isclose(caption_margin_loss(img, txt, neg, valid).item(), (by_hand[0] + by_hand[2]) / 2, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("method,kinds", [("negclip", ["relation", "attribute", "noun", "shuffle"]),
+                                          ("structureclip", ["relation", "attribute"])])
+def test_negative_captions_are_false_and_of_the_allowed_kinds(make_cfg, tmp_path, method, kinds):
+    cfg = make_cfg(f"method={method}", *SMALL.get(method, []), f"cache_dir={tmp_path}", "data.caption_sampling=first")
+    module, dm = build(cfg)
+    ds = dm.dataset("train")
+    random.seed(1)
+    for i in range(16):
+        item, sample = ds[i], ds.source[i]
+        allowed = {v for k, v in sample.extra["negative_captions"](0).items() if k in kinds}
+        (neg,) = [t for t in allowed if torch.equal(module.tokenizer([t])[0], item["neg_text"])]
+        assert neg not in sample.captions and item["has_neg"]
+
+
+def test_structureclip_knowledge_encoder_shapes_and_test_time_switch(make_cfg):
+    module, batch = batch_of(make_cfg, "structureclip")
+    graphs = list(batch["caption_graph"])
+    k = module.kee(graphs + [None])
+    assert k.shape == (9, module.model.text_projection.shape[1])
+    torch.testing.assert_close(k[:8].norm(dim=-1), torch.ones(8))
+    assert torch.equal(k[8], torch.zeros_like(k[8]))  # a caption without a graph gets no knowledge vector
+    module.eval()
+    with_kee = module.encode_captions(batch["caption"], graphs)
+    module.set_eval_variant(kee_at_test=False)
+    plain = module.encode_captions(batch["caption"], graphs)
+    torch.testing.assert_close(with_kee - plain, 0.2 * module.kee(graphs))
+    assert set(module.eval_variants()) == {"", "plain"}
+
+
+def test_unknown_negative_kind_is_rejected(make_cfg):
+    with pytest.raises(ValueError, match="unknown negative kinds.*available"):
+        build(make_cfg("method=negclip", "method.negative_kinds=[colour]"))
