@@ -1,6 +1,7 @@
 """Data layer: the scene-graph type, sources (each registers itself on import), negatives, the DataModule."""
-from datamodules import shapes  # noqa: F401  (registers the "shapes" source)
-from datamodules.datamodule import FIELDS, CaptionDataModule, data_schema
+from datamodules import negclip_tsv, shapes  # noqa: F401  (each import registers a source)
+from datamodules.datamodule import CaptionDataModule, data_schema
+from datamodules.fields import FIELDS
 from datamodules.graph import Entity, Relation, SceneGraph
 from datamodules.source import SOURCES, Sample
 

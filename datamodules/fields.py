@@ -65,13 +65,17 @@ def caption_graph_field(sample: Sample, caption_index: int, ctx: FieldContext) -
 
 
 def negative_caption(sample: Sample, caption_index: int, ctx: FieldContext) -> str | None:
-    """One caption false of the image, of a kind the method allows (options["negative_kinds"]), or None."""
+    """One caption false of the image, of a kind the method allows (options["negative_kinds"]), or None.
+    A source offers `extra["negative_captions"](caption_index) -> {kind: caption or list of captions}`."""
     make = sample.extra.get("negative_captions")
     if make is None:
         return None
     kinds = ctx.options.get("negative_kinds", ())
-    found = {k: v for k, v in make(caption_index).items() if k in kinds}
-    return found[ctx.rng.choice(sorted(found))] if found else None
+    found = {k: v for k, v in make(caption_index).items() if k in kinds and v}
+    if not found:
+        return None
+    chosen = found[ctx.rng.choice(sorted(found))]
+    return ctx.rng.choice(chosen) if isinstance(chosen, list) else chosen  # a source may offer several of a kind
 
 
 @FIELDS.register("neg_text")
@@ -90,7 +94,8 @@ def hard_image_field(sample: Sample, caption_index: int, ctx: FieldContext) -> d
     table = ctx.options.get("neighbours")
     if table is None:
         raise KeyError("the 'hard_image' field needs options['neighbours'] (a (N, k) table of neighbour indices)")
-    j = int(ctx.rng.choice(table[ctx.index].tolist()))
+    row = table[ctx.index]
+    j = int(ctx.rng.choice(row.tolist() if hasattr(row, "tolist") else list(row)))
     other = ctx.source[j]
     k = ctx.rng.randrange(len(other.captions))
     neg = negative_caption(other, k, ctx)

@@ -20,7 +20,8 @@ from torch import Tensor
 from methods.base import METHODS, ContrastiveMethod, dist_info
 from methods.losses import contrastive_loss
 
-NEGATIVE_KINDS = ("relation", "attribute", "noun", "shuffle")
+# generated from a scene graph or tags, and "released": the negatives a data file ships (NegCLIP's TSV)
+NEGATIVE_KINDS = ("relation", "attribute", "noun", "shuffle", "released")
 
 
 @METHODS.register("negclip")
@@ -48,7 +49,9 @@ class NegCLIP(ContrastiveMethod):
 
     def prepare_fields(self, datamodule: Any) -> None:
         if self.mcfg.hard_images:
-            datamodule.field_options["neighbours"] = self.neighbour_table(datamodule.dataset("train"))
+            train = datamodule.dataset("train")
+            released = getattr(train.source, "neighbours", None)  # a data file's own hard images win
+            datamodule.field_options["neighbours"] = released if released is not None else self.neighbour_table(train)
 
     @torch.no_grad()
     def neighbour_table(self, dataset: Any) -> Tensor:

@@ -1,0 +1,109 @@
+"""NegCLIP's released training file (vinid/neg_clip `CsvDataset`), so users can train on the paper's data.
+
+A TAB-separated file with a header; the first column is an unnamed row id; `title` is the caption,
+`filepath` the image (relative to `image_root`), `neg_caption` a Python-literal list of hard negative
+captions, `neg_image` a Python-literal list of row ids of hard negative images in the same file.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from datamodules.source import SOURCES, Sample
+
+COLUMNS = ("title", "filepath", "neg_caption", "neg_image")
+
+
+def _literal(value: str, kind: type, where: str, column: str) -> list:
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"{where}: column '{column}' is not a Python literal list ({e.__class__.__name__}): {value!r}") from None
+    if not isinstance(parsed, list) or not all(isinstance(x, kind) for x in parsed):
+        raise ValueError(f"{where}: column '{column}' must be a list of {kind.__name__}, got {value!r}")
+    return parsed
+
+
+def read_negclip_tsv(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a NegCLIP TSV, validated: each names its line when something is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: NegCLIP TSV not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header is None or any(c not in header for c in COLUMNS):
+            raise ValueError(f"{path}: header must hold {', '.join(COLUMNS)} (after the row-id column), got {header}")
+        col = {name: header.index(name) for name in COLUMNS}
+        rows = []
+        for line, fields in enumerate(reader, start=2):
+            where = f"{path}:{line}"
+            if len(fields) != len(header):
+                raise ValueError(f"{where}: {len(fields)} fields, the header has {len(header)}")
+            title = fields[col["title"]].strip()
+            if not title:
+                raise ValueError(f"{where}: empty caption in column 'title'")
+            rows.append({
+                "row_id": int(fields[0]) if fields[0].strip().lstrip("-").isdigit() else line - 2,
+                "title": title,
+                "filepath": fields[col["filepath"]],
+                "neg_caption": _literal(fields[col["neg_caption"]], str, where, "neg_caption"),
+                "neg_image": _literal(fields[col["neg_image"]], int, where, "neg_image"),
+                "where": where,
+            })
+    position = {r["row_id"]: i for i, r in enumerate(rows)}
+    for r in rows:
+        missing = [j for j in r["neg_image"] if j not in position]
+        if missing:
+            raise ValueError(f"{r['where']}: neg_image row ids {missing} are not rows of the file")
+        r["neighbours"] = [position[j] for j in r["neg_image"]]
+    return rows
+
+
+def load_image(path: Path, where: str) -> Image.Image:
+    """An RGB image, or an error that names the file and the record."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{where}: cannot read image {path}: {e}") from None
+
+
+@SOURCES.register("negclip_tsv")
+class NegCLIPTSV:
+    """One split of NegCLIP's training data: captions, released hard captions and released neighbour images."""
+
+    @dataclass
+    class Config:
+        train_file: str = "mscoco_with_negatives_training.csv"
+        val_file: str = "mscoco_with_negatives_valid.csv"
+        image_root: str = "."
+
+    def __init__(self, cfg: "NegCLIPTSV.Config", split: str) -> None:
+        files = {"train": cfg.train_file, "val": cfg.val_file}
+        if split not in files:
+            raise ValueError(f"negclip_tsv has the splits {', '.join(files)}; benchmarks use COCO, ARO and SugarCrepe")
+        self.root = Path(cfg.image_root)
+        self.rows = read_negclip_tsv(files[split])
+        self.neighbours = [r["neighbours"] for r in self.rows]  # the released hard images, as a table
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Sample:
+        r = self.rows[index]
+        negatives = {"released": r["neg_caption"]}
+        return Sample(
+            image=load_image(self.root / r["filepath"], r["where"]),
+            captions=[r["title"]],
+            key=r["where"],
+            extra={"negative_captions": lambda k: {kind: v for kind, v in negatives.items() if v},
+                   "neighbours": r["neighbours"]},
+        )

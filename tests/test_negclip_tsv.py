@@ -1,0 +1,86 @@
+"""NegCLIP's released TSV format: read as the reference reads it, trained on, and bad records named."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from PIL import Image
+
+from datamodules.datamodule import collate
+from datamodules.negclip_tsv import NegCLIPTSV, read_negclip_tsv
+from methods.train import build, compose_train, train
+
+HEADER = "\ttitle\tfilepath\tneg_caption\tneg_image\n"
+
+
+def write_fixture(root, rows: int = 12, name: str = "train.csv"):
+    """A file in the released layout (row 0 as in valid_neg_clip.tsv), with generated images."""
+    (root / "coco" / "val2014").mkdir(parents=True, exist_ok=True)
+    lines = [HEADER]
+    for i in range(rows):
+        path = f"val2014/COCO_val2014_{i:012d}.jpg"
+        Image.new("RGB", (40, 30), (20 * i % 255, 100, 150)).save(root / "coco" / path)
+        caption = "A child holding a flowered umbrella and petting a yak." if i == 0 else f"a photo of thing {i}."
+        negs = ["A umbrella holding a flowered child and petting a yak .",
+                "A child petting a flowered umbrella and holding a yak ."] if i == 0 else [f"thing {i} of a photo ."]
+        neighbours = [(i + 1) % rows, (i + 2) % rows, (i + 3) % rows]
+        lines.append(f"{i}\t{caption}\t{path}\t{negs!r}\t{neighbours!r}\n")
+    (root / name).write_text("".join(lines))
+    return root / name
+
+
+def test_reads_the_released_format(tmp_path):
+    path = write_fixture(tmp_path)
+    rows = read_negclip_tsv(path)
+    assert len(rows) == 12 and rows[0]["title"].startswith("A child holding")
+    assert rows[0]["neg_caption"][1] == "A child petting a flowered umbrella and holding a yak ."
+    assert rows[0]["neighbours"] == [1, 2, 3]
+    src = NegCLIPTSV(NegCLIPTSV.Config(train_file=str(path), image_root=str(tmp_path / "coco")), "train")
+    s = src[0]
+    assert s.image.size == (40, 30) and s.captions == [rows[0]["title"]]
+    assert s.extra["negative_captions"](0) == {"released": rows[0]["neg_caption"]}
+
+
+def test_negclip_trains_on_the_file_with_its_own_negatives(tmp_path):
+    path = write_fixture(tmp_path)
+    argv = ["method=negclip", "data=negclip_coco", f"data.options.train_file={path}", f"data.options.val_file={path}",
+            f"data.options.image_root={tmp_path / 'coco'}", "data.batch_size=4", "data.num_workers=0",
+            f"cache_dir={tmp_path / 'cache'}", f"runs_dir={tmp_path / 'runs'}", "trainer=debug", "data.eval_batch_size=4"]
+    cfg = compose_train(argv)
+    module, dm = build(cfg)
+    assert dm.field_options["neighbours"][0] == [1, 2, 3]  # the released hard images, no kNN computed
+    assert not (tmp_path / "cache").exists()
+    ds = dm.dataset("train")
+    random.seed(0)
+    item = ds[0]
+    negs = read_negclip_tsv(path)[0]["neg_caption"]
+    assert any(item["neg_text"].equal(module.tokenizer([n])[0]) for n in negs) and item["has_neg"]
+    assert collate([ds[i] for i in range(4)])["hard_image"].shape[0] == 4
+    run = train(cfg)
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda t: t.replace("['thing 3 of a photo .']", "['thing 3 of a photo ."), r"train.csv:5: column 'neg_caption'"),
+    (lambda t: t.replace("[5, 6, 7]", "[5, 6, 99]"), r"train.csv:6: neg_image row ids \[99\]"),
+    (lambda t: t.replace("a photo of thing 7.", " "), r"train.csv:9: empty caption"),
+    (lambda t: t.replace("[8, 9, 10]", "'8, 9'"), r"train.csv:9: column 'neg_image' must be a list of int"),
+])
+def test_bad_records_are_named(tmp_path, corrupt, match):
+    path = write_fixture(tmp_path)
+    path.write_text(corrupt(path.read_text()))
+    with pytest.raises(ValueError, match=match):
+        read_negclip_tsv(path)
+
+
+def test_missing_and_corrupt_images_are_named(tmp_path):
+    path = write_fixture(tmp_path)
+    src = NegCLIPTSV(NegCLIPTSV.Config(train_file=str(path), image_root=str(tmp_path / "coco")), "train")
+    (tmp_path / "coco" / "val2014" / "COCO_val2014_000000000002.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train.csv:4: image not found: .*000000000002.jpg"):
+        src[2]
+    (tmp_path / "coco" / "val2014" / "COCO_val2014_000000000003.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"train.csv:5: cannot read image .*000000000003.jpg"):
+        src[3]
+    with pytest.raises(FileNotFoundError, match="NegCLIP TSV not found"):
+        read_negclip_tsv(tmp_path / "nope.csv")
