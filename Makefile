@@ -12,7 +12,10 @@ empty   :=
 space   := $(empty) $(empty)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train bench test clean-venv
+SWEEP   ?= configs/sweep/compare.yaml
+SEEDS   ?=
+DATA    ?=
+.PHONY: help setup train bench compare sweep test clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -32,6 +35,13 @@ train: $(VENV)/.ok ## train METHOD (default clip) on the default config; ARGS="o
 bench: $(VENV)/.ok ## evaluate the latest run of every method (or RUNS="dir dir") on BENCH (default syn), print the table
 	$(PY) -m benchmarks.run bench=$(BENCH) $(if $(strip $(RUNS)),runs=[$(subst $(space),$(comma),$(strip $(RUNS)))]) \
 		$(if $(DATA_ROOT),bench.data_root=$(DATA_ROOT)) $(ARGS)
+
+compare: $(VENV)/.ok ## train every registered method on one shared config (SEEDS="0 1 2", DATA=...), bench, one table
+	$(PY) -m benchmarks.sweep configs/sweep/compare.yaml $(if $(strip $(SEEDS)),seeds=[$(subst $(space),$(comma),$(strip $(SEEDS)))]) \
+		$(if $(DATA),data=$(DATA)) $(ARGS)
+
+sweep: $(VENV)/.ok ## run SWEEP=configs/sweep/<name>.yaml (resumable); ARGS="--print-commands" lists cluster jobs
+	$(PY) -m benchmarks.sweep $(SWEEP) $(ARGS)
 
 test: $(VENV)/.ok ## run the test suite (what CI runs)
 	$(PY) -m pytest -q

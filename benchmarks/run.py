@@ -65,32 +65,52 @@ def new_out_dir(cfg: DictConfig) -> Path:
     raise RuntimeError(f"could not create a new results folder next to {base}")
 
 
+def device_for(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def bench_run(run: Path, cfg: DictConfig, device: torch.device, details_dir: Path | None = None
+              ) -> tuple[list[dict], dict[str, list[str]], list[str]]:
+    """Every benchmark of cfg.bench on one run, once per evaluation variant of its method (one row each)."""
+    module, run_cfg = load_run(run, cfg.ckpt, device)
+    rows, families, notes = [], {}, []
+    for variant, settings in module.eval_variants().items():
+        module.set_eval_variant(**settings)
+        method = run_cfg.method.name + (f"/{variant}" if variant else "")
+        ctx = BenchContext(module, module.preprocess_val, run_cfg, cfg.bench)
+        row = {"method": method, "run": str(run), "seed": run_cfg.seed}
+        for name in cfg.bench.benchmarks:
+            result = BENCHMARKS.get(name)(ctx)
+            row.update(result.metrics)
+            families.setdefault(result.family, [])
+            families[result.family] += [m for m in result.metrics if m not in families[result.family]]
+            notes += [n for n in result.notes if n not in notes]
+            if result.details and details_dir is not None:
+                write_details(details_dir / f"{name}-{method.replace('/', '-')}-{run.name}.csv", result.details)
+        rows.append(row)
+    return rows, families, notes
+
+
+def merge_families(into: dict[str, list[str]], more: dict[str, list[str]]) -> None:
+    for family, metrics in more.items():
+        into.setdefault(family, [])
+        into[family] += [m for m in metrics if m not in into[family]]
+
+
 def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, list[str]], list[str], Path]:
     """Run every benchmark of the bench config on every run; returns rows, families, notes and the out folder."""
-    names = list(cfg.bench.benchmarks)
-    for name in names:
+    for name in cfg.bench.benchmarks:
         BENCHMARKS.get(name)  # unknown names fail before any model is loaded
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
     runs = find_runs(cfg)
     out = new_out_dir(cfg)
     rows, families, notes = [], {}, []
     for run in runs:
-        module, run_cfg = load_run(run, cfg.ckpt, device)
-        for variant, settings in module.eval_variants().items():
-            module.set_eval_variant(**settings)
-            method = run_cfg.method.name + (f"/{variant}" if variant else "")
-            ctx = BenchContext(module, module.preprocess_val, run_cfg, cfg.bench)
-            row = {"method": method, "run": str(run), "seed": run_cfg.seed}
-            for name in names:
-                result = BENCHMARKS.get(name)(ctx)
-                row.update(result.metrics)
-                families.setdefault(result.family, [])
-                families[result.family] += [m for m in result.metrics if m not in families[result.family]]
-                notes += [n for n in result.notes if n not in notes]
-                if result.details:
-                    write_details(out / f"{name}-{method.replace('/', '-')}-{run.name}.csv", result.details)
-            rows.append(row)
+        r, f, n = bench_run(run, cfg, device_for(cfg.device), out)
+        rows += r
+        merge_families(families, f)
+        notes += [x for x in n if x not in notes]
     return rows, families, notes, out
 
 

@@ -5,6 +5,7 @@ config, checkpoints (last and best on the validation split), metrics.csv and thr
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 import warnings
@@ -52,6 +53,14 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, CaptionDataModule]:
     return module, dm
 
 
+def mark_done(run_dir: Path, trainer: L.Trainer) -> None:
+    """`done.json`, written last and atomically: a run without it did not finish."""
+    tmp = run_dir / "done.json.tmp"
+    tmp.write_text(json.dumps({"global_step": trainer.global_step, "epochs": trainer.current_epoch,
+                               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    tmp.replace(run_dir / "done.json")
+
+
 def train(cfg: DictConfig) -> Path:
     """Fit the configured method; returns the run folder."""
     run_dir = new_run_dir(cfg)
@@ -74,6 +83,7 @@ def train(cfg: DictConfig) -> Path:
     )
     trainer.fit(module, datamodule=dm)
     if trainer.is_global_zero:
+        mark_done(run_dir, trainer)
         s = throughput.summary()
         rate = s["samples_per_sec_median"]
         print(f"run: {run_dir}\ntraining throughput: {rate:.0f} samples/s (median over {s['measured_steps']} steps)"

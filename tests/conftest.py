@@ -5,17 +5,7 @@ import pytest
 
 from methods.train import compose_train
 
-# A few-step version of the default job: same model and world, tiny splits.
-TINY = [
-    "trainer=debug",
-    "data.options.train_size=64",
-    "data.options.val_size=32",
-    "data.options.test_size=40",
-    "data.batch_size=8",
-    "data.eval_batch_size=16",
-    "data.num_workers=0",
-    "optim.warmup_steps=2",
-]
+from tests_support import TINY_ARGS as TINY
 
 
 @pytest.fixture

@@ -1,0 +1,235 @@
+"""Sweeps and side-by-side comparisons: every cell an ordinary run, benchmarked, then one table with the
+mean and spread over seeds and the difference to the baseline.
+
+    python -m benchmarks.sweep configs/sweep/compare.yaml [seeds=[0,1,2]] [key=value ...] [--print-commands]
+
+A sweep file names `base` overrides (applied to every cell), a `grid` (key -> values; the cells are the
+product, and `method: all` means every registered method) and `seeds`. Each cell trains into its own folder
+under <out_dir>/<name>/cells/<cell>/ and writes result.json when benchmarked; a sweep started again skips
+the cells that finished, benchmarks a cell whose run finished, and redoes the rest. The cell folder's
+name carries a hash of the cell's overrides, so changed settings never reuse old results.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+import configs
+from benchmarks.report import curves_chart, format_table, latex_table, _chart
+from benchmarks.run import bench_run, device_for, merge_families
+from methods import METHODS
+from methods.train import compose_train, train
+
+
+@dataclass
+class SweepSpec:
+    """A sweep file's contents."""
+
+    name: str = "sweep"
+    base: list[str] = field(default_factory=list)
+    grid: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    bench: str = "syn"
+    out_dir: str = "sweeps"
+
+
+def load_spec(path: str | Path, argv: list[str]) -> SweepSpec:
+    """The sweep file merged into its schema, with `seeds=`, `name=`, `bench=` and extra base overrides from argv."""
+    path = Path(path)
+    if not path.is_file():
+        names = ", ".join(p.name for p in sorted((configs.CONFIG_DIR / "sweep").glob("*.yaml")))
+        raise configs.ConfigError(f"sweep file {path} not found; shipped: {names}")
+    spec = configs._merge(OmegaConf.structured(SweepSpec), OmegaConf.load(path), str(path))
+    extra = []
+    for token in argv:
+        key = token.split("=", 1)[0]
+        if key in ("seeds", "name", "bench", "out_dir"):
+            spec = configs._merge(spec, OmegaConf.from_dotlist([token]), "command line")
+        else:
+            extra.append(token)
+    spec = OmegaConf.to_object(spec)
+    spec.base = list(spec.base) + extra
+    return spec
+
+
+def cells(spec: SweepSpec) -> list[tuple[str, dict[str, Any], list[str]]]:
+    """(folder name, grid values with the seed, overrides) for every cell, seeds innermost."""
+    grid = {k: (METHODS.names() if k == "method" and v == "all" else list(v)) for k, v in spec.grid.items()}
+    if "method" in grid and "clip" in grid["method"]:  # the baseline first
+        grid["method"] = ["clip"] + [m for m in grid["method"] if m != "clip"]
+    out = []
+    for values in itertools.product(*grid.values()) if grid else [()]:
+        for seed in spec.seeds:
+            point = dict(zip(grid, values)) | {"seed": seed}
+            overrides = list(spec.base) + [f"{k}={v}" for k, v in point.items()]
+            digest = hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:8]
+            label = re.sub(r"[^A-Za-z0-9._=-]+", "_", ",".join(f"{k}={v}" for k, v in point.items())).strip("_")
+            out.append((f"{label}-{digest}", point, overrides))
+    return out
+
+
+def finished_run(cell_dir: Path) -> Path | None:
+    done = sorted(cell_dir.glob("runs/*/*/done.json"))
+    return done[-1].parent if done else None
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def run_cell(cell_dir: Path, overrides: list[str], bench_cfg: Any) -> dict[str, Any]:
+    """Train (unless a finished run is there) and benchmark one cell; result.json marks it done."""
+    run = finished_run(cell_dir)
+    if run is None:
+        run = train(compose_train(overrides + [f"runs_dir={cell_dir / 'runs'}"]))
+    rows, families, notes = bench_run(run, bench_cfg, device_for(bench_cfg.device))
+    result = {"overrides": overrides, "run": str(run), "rows": rows, "families": families, "notes": notes}
+    write_json(cell_dir / "result.json", result)
+    return result
+
+
+def aggregate(results: list[tuple[dict[str, Any], dict[str, Any]]], metrics: list[str]) -> list[dict[str, Any]]:
+    """One row per grid point and evaluation variant: mean and std over seeds of every metric."""
+    groups: dict[str, dict[str, Any]] = {}
+    for point, result in results:
+        key_point = {k: v for k, v in point.items() if k != "seed"}
+        for row in result["rows"]:
+            label = ", ".join(f"{k}={v}" for k, v in key_point.items() if k != "method")
+            label = row["method"] + (f" ({label})" if label else "")
+            g = groups.setdefault(label, {"label": label, "method": row["method"], "seeds": [], "values": {},
+                                          "runs": []})
+            g["seeds"].append(point["seed"])
+            g["runs"].append(row["run"])
+            for m in metrics:
+                if row.get(m) is not None:
+                    g["values"].setdefault(m, []).append(float(row[m]))
+    out = []
+    for g in groups.values():
+        row = {"label": g["label"], "method": g["method"], "n_seeds": len(g["seeds"]), "runs": g["runs"]}
+        for m, vs in g["values"].items():
+            row[m] = statistics.fmean(vs)
+            row[f"{m} std"] = statistics.stdev(vs) if len(vs) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+def table_rows(groups: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, str]]:
+    """Display rows: mean ± std (difference to the first row, the baseline); '~' marks a difference no
+    larger than the two rows' spreads added."""
+    base = groups[0]
+    rows = []
+    for g in groups:
+        row = {"method": g["label"], "seeds": str(g["n_seeds"])}
+        for m in metrics:
+            if m not in g:
+                row[m] = "–"
+                continue
+            text = f"{g[m]:.3f} ± {g[m + ' std']:.3f}"
+            if g is not base and m in base:
+                diff = g[m] - base[m]
+                within = abs(diff) <= g[m + " std"] + base[m + " std"]
+                text += f" ({diff:+.3f}{'~' if within else ''})"
+            row[m] = text
+        rows.append(row)
+    return rows
+
+
+def report(spec: SweepSpec, results: list[tuple[dict[str, Any], dict[str, Any]]]) -> Path:
+    families: dict[str, list[str]] = {}
+    notes: list[str] = []
+    for _, r in results:
+        merge_families(families, r["families"])
+        notes += [n for n in r["notes"] if n not in notes]
+    metrics = [m for ms in families.values() for m in ms]
+    groups = aggregate(results, metrics)
+    out = Path(spec.out_dir) / spec.name / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
+    for k in range(1000):
+        candidate = out if k == 0 else out.with_name(f"{out.name}.{k}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            out = candidate
+            break
+        except FileExistsError:
+            continue
+    rows = table_rows(groups, metrics)
+    columns = ["method", "seeds"] + metrics
+    legend = ("mean ± std over seeds; (difference to the first row, the baseline); "
+              "'~': the difference is within the two rows' spreads")
+    md = format_table(rows, columns)
+    (out / "results.md").write_text(f"# {spec.name}\n\n{md}\n\n- {legend}\n" + "".join(f"- {n}\n" for n in notes))
+    (out / "results.tex").write_text(latex_table(rows, columns, caption=f"{spec.name}: {legend}"))
+    with open(out / "results.csv", "w") as f:
+        fields = ["label", "method", "n_seeds"] + [c for m in metrics for c in (m, f"{m} std")]
+        f.write(",".join(fields) + "\n")
+        for g in groups:
+            f.write(",".join(json.dumps(g.get(c, "")) if isinstance(g.get(c), str) else str(g.get(c, ""))
+                             for c in fields) + "\n")
+    errors = [{m: g.get(f"{m} std", 0.0) for m in metrics} for g in groups]
+    for family, ms in families.items():
+        _chart(groups, ms, family, out / f"{family}.png", errors=errors)
+    curves_chart({g["label"] + f" (seed {i})": Path(run) for g in groups for i, run in enumerate(g["runs"][:1])},
+                 out / "training_curves.png")
+    print(md + f"\n\n{legend}\nwritten: {out}/results.md, results.csv, results.tex, "
+          + ", ".join(f"{f}.png" for f in families) + ", training_curves.png")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    flags = [a for a in argv if a.startswith("--")]
+    args = [a for a in argv if not a.startswith("--")]
+    if not args:
+        print("usage: python -m benchmarks.sweep SWEEP_FILE [seeds=[0,1]] [key=value ...] [--print-commands] "
+              "[--max-cells=N]", file=sys.stderr)
+        return 2
+    try:
+        spec = load_spec(args[0], args[1:])
+        bench_cfg = configs.compose("bench", [f"bench={spec.bench}"])
+        todo = cells(spec)
+        for _, _, overrides in todo:
+            compose_train(overrides)  # every cell's config is valid before anything runs
+    except (configs.ConfigError, KeyError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    root = Path(spec.out_dir) / spec.name / "cells"
+    if "--print-commands" in flags:  # one cluster job per cell; run the sweep again afterwards to report
+        for name, _, overrides in todo:
+            if not (root / name / "result.json").is_file():
+                print(" ".join(["python -m methods.train", *map(shlex.quote, overrides),
+                                shlex.quote(f"runs_dir={root / name / 'runs'}")]))
+        return 0
+    max_cells = next((int(f.split("=", 1)[1]) for f in flags if f.startswith("--max-cells=")), None)
+    results, ran = [], 0
+    for name, point, overrides in todo:
+        cell_dir = root / name
+        done = cell_dir / "result.json"
+        if done.is_file():
+            print(f"[sweep] {name}: done before, skipped")
+            results.append((point, json.loads(done.read_text())))
+            continue
+        if max_cells is not None and ran >= max_cells:
+            print(f"[sweep] stopping after {ran} cell(s) (--max-cells)")
+            return 0
+        print(f"[sweep] {name}: running")
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        results.append((point, run_cell(cell_dir, overrides, bench_cfg)))
+        ran += 1
+    report(spec, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Sweeps: each cell an ordinary run, an interrupted sweep skips finished cells, tables show mean and std;
+`compare` puts every registered method side by side with the baseline first."""
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from benchmarks.sweep import main as sweep_main
+from methods import METHODS
+from tests_support import TINY_ARGS
+
+
+def write_sweep(path, **spec):
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_interrupted_sweep_skips_finished_cells(tmp_path, capsys):
+    sweep = write_sweep(tmp_path / "s.yaml", name="lr", base=TINY_ARGS + [f"cache_dir={tmp_path / 'c'}"],
+                        grid={"optim.lr": [1e-3, 5e-4]}, seeds=[0, 1], bench="syn", out_dir=str(tmp_path / "sw"))
+    assert sweep_main([sweep, "--max-cells=1"]) == 0  # "killed" after its first cell
+    cells = sorted((tmp_path / "sw" / "lr" / "cells").iterdir())
+    assert len(cells) == 1 and (cells[0] / "result.json").is_file()
+    first = (cells[0] / "result.json").stat().st_mtime_ns
+    runs_before = list(cells[0].glob("runs/*/*"))
+    capsys.readouterr()
+
+    assert sweep_main([sweep]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done before, skipped") == 1 and out.count(": running") == 3
+    assert (cells[0] / "result.json").stat().st_mtime_ns == first and list(cells[0].glob("runs/*/*")) == runs_before
+    (report,) = (tmp_path / "sw" / "lr").glob("report-*")
+    md = (report / "results.md").read_text()
+    assert "clip (optim.lr=0.001)" in md and "clip (optim.lr=0.0005)" in md and " ± " in md
+    for name in ("results.csv", "results.tex", "syn_choice.png", "syn_retrieval.png", "training_curves.png"):
+        assert (report / name).is_file(), name
+    header = (report / "results.csv").read_text().splitlines()[0]
+    assert "syn_relation,syn_relation std" in header
+
+
+def test_compare_has_a_row_per_method_baseline_first(tmp_path, capsys):
+    sweep = write_sweep(tmp_path / "c.yaml", name="compare", base=TINY_ARGS + [f"cache_dir={tmp_path / 'c'}"],
+                        grid={"method": "all"}, seeds=[0], bench="syn", out_dir=str(tmp_path / "sw"))
+    assert sweep_main([sweep, "method.kee_layers=1"]) == 2  # a key only one method has cannot be a base override
+    assert sweep_main([sweep]) == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| method | seeds | syn_relation | syn_attribution | syn_order | syn_retrieval/i2t_R@1")
+    rows = [line.split("|")[1].strip() for line in table[1:]]
+    assert rows[0] == "clip" and set(METHODS.names()) <= set(rows)
+    assert "(+" in table[2] or "(-" in table[2]  # differences to the baseline
+    results = sorted((tmp_path / "sw" / "compare" / "cells").glob("*/result.json"))
+    assert {json.loads(p.read_text())["rows"][0]["method"] for p in results} == set(METHODS.names())
+    (report,) = (tmp_path / "sw" / "compare").glob("report-*")
+    assert r"\begin{tabular}" in (report / "results.tex").read_text()
+
+
+def test_print_commands_lists_one_job_per_unfinished_cell(tmp_path, capsys):
+    sweep = write_sweep(tmp_path / "p.yaml", name="p", base=["method=structureclip"],
+                        grid={"method.negative_kinds": ["[relation]", "[]"]}, seeds=[0, 1], out_dir=str(tmp_path))
+    assert sweep_main([sweep, "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("python -m methods.train method=structureclip") for line in lines)
+    assert "'method.negative_kinds=[relation]'" in lines[0]
