@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import yaml
 
@@ -10,25 +14,35 @@ from benchmarks.sweep import main as sweep_main
 from methods import METHODS
 from tests_support import TINY_ARGS
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def write_sweep(path, **spec):
     path.write_text(yaml.safe_dump(spec))
     return str(path)
 
 
-def test_interrupted_sweep_skips_finished_cells(tmp_path, capsys):
+def test_killed_sweep_skips_finished_cells(tmp_path, capsys):
     sweep = write_sweep(tmp_path / "s.yaml", name="lr", base=TINY_ARGS + [f"cache_dir={tmp_path / 'c'}"],
                         grid={"optim.lr": [1e-3, 5e-4]}, seeds=[0, 1], bench="syn", out_dir=str(tmp_path / "sw"))
-    assert sweep_main([sweep, "--max-cells=1"]) == 0  # "killed" after its first cell
-    cells = sorted((tmp_path / "sw" / "lr" / "cells").iterdir())
-    assert len(cells) == 1 and (cells[0] / "result.json").is_file()
+    # a real kill: SIGKILL as soon as the first cell has its result
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.sweep", sweep], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list((tmp_path / "sw" / "lr" / "cells").glob("*/result.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    done = list((tmp_path / "sw" / "lr" / "cells").glob("*/result.json"))
+    assert len(done) == 1, "the first cell never finished"
+    cells = [done[0].parent]
     first = (cells[0] / "result.json").stat().st_mtime_ns
     runs_before = list(cells[0].glob("runs/*/*"))
     capsys.readouterr()
 
     assert sweep_main([sweep]) == 0
     out = capsys.readouterr().out
-    assert out.count("done before, skipped") == 1 and out.count(": running") == 3
+    assert out.count("done before, skipped") == 1 and out.count(": running") == 3  # a half-done cell is redone
     assert (cells[0] / "result.json").stat().st_mtime_ns == first and list(cells[0].glob("runs/*/*")) == runs_before
     (report,) = (tmp_path / "sw" / "lr").glob("report-*")
     md = (report / "results.md").read_text()
@@ -43,6 +57,7 @@ def test_compare_has_a_row_per_method_baseline_first(tmp_path, capsys):
     sweep = write_sweep(tmp_path / "c.yaml", name="compare", base=TINY_ARGS + [f"cache_dir={tmp_path / 'c'}"],
                         grid={"method": "all"}, seeds=[0], bench="syn", out_dir=str(tmp_path / "sw"))
     assert sweep_main([sweep, "method.kee_layers=1"]) == 2  # a key only one method has cannot be a base override
+    assert sweep_main([sweep, "--max-cells=1"]) == 0 and len(list((tmp_path / "sw").glob("compare/cells/*"))) == 1
     assert sweep_main([sweep]) == 0
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith("| ")]
