@@ -66,6 +66,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
     logit_scale_max: float = 100.0  # the learned temperature is clamped to [1, this] after each step
+    max_bad_steps: int = 10  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
@@ -149,6 +150,31 @@ class ContrastiveMethod(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.schedule, o.warmup_steps, total, o.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Non-finite guard: a step whose loss or gradients are not finite is skipped (its gradients dropped, so
+        AdamW leaves every weight as it was); `optim.max_bad_steps` in a row stop the run with a checkpoint
+        of the last good state. Under DDP the gradients are already averaged, so every rank agrees."""
+        limit = self.cfg.optim.max_bad_steps
+        if limit <= 0:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        if finite:
+            self.bad_steps_in_a_row = 0
+            return
+        self.bad_steps_in_a_row = getattr(self, "bad_steps_in_a_row", 0) + 1
+        self.bad_steps_total = getattr(self, "bad_steps_total", 0) + 1
+        for p in self.parameters():
+            p.grad = None
+        self.log("train/skipped_steps", float(self.bad_steps_total), batch_size=1)
+        if self.bad_steps_in_a_row >= limit:
+            path = Path(self.trainer.default_root_dir) / "checkpoints" / "last-good.ckpt"
+            self.trainer.save_checkpoint(path)
+            raise FloatingPointError(
+                f"{self.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient (step "
+                f"{self.global_step}); stopped. The last good weights are in {path}. Lower optim.lr, check the "
+                f"data, or raise optim.max_bad_steps.")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():  # the temperature stays in [1, logit_scale_max]

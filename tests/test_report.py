@@ -2,38 +2,75 @@
 from __future__ import annotations
 
 import csv
+import math
+import subprocess
+import sys
 
 import pytest
 
 from benchmarks.report import format_table, write_report
 
 ROWS = [
-    {"method": "clip", "run": "runs/clip/a", "syn_relation": 0.5, "syn_attribution": 0.96, "syn_retrieval/i2t_R@1": 0.41},
-    {"method": "negclip", "run": "runs/negclip/b", "syn_relation": 0.8123, "syn_attribution": 0.97},
-    {"method": "clip", "run": "runs/clip/c", "syn_relation": 0.52, "syn_attribution": 0.95, "syn_retrieval/i2t_R@1": 0.4},
+    {"method": "clip", "run": "runs/clip/a", "seed": 0, "syn_relation": 0.5, "syn_attribution": 0.96,
+     "syn_retrieval/i2t_R@1": 0.41},
+    {"method": "negclip", "run": "runs/negclip/b", "seed": 0, "syn_relation": 0.8123, "syn_attribution": 0.97},
+    {"method": "clip", "run": "runs/clip/c", "seed": 1, "syn_relation": 0.52, "syn_attribution": 0.95,
+     "syn_retrieval/i2t_R@1": 0.4},
 ]
 FAMILIES = {"syn_choice": ["syn_relation", "syn_attribution"], "syn_retrieval": ["syn_retrieval/i2t_R@1"]}
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_writes_table_csv_and_one_chart_per_family(tmp_path):
-    paths = write_report(ROWS, tmp_path / "out", families=FAMILIES, notes=["tie counts as wrong"])
+    paths = write_report(ROWS, tmp_path / "out", families=FAMILIES, title="t", notes=["tie counts as wrong"])
+    assert set(paths) == {"md", "csv", "syn_choice", "syn_retrieval"}
     md = paths["md"].read_text()
-    assert "| clip | runs/clip/a | 0.500 | 0.960 | 0.410 |" in md
-    assert "| negclip | runs/negclip/b | 0.812 | 0.970 | – |" in md  # missing metric shown as a dash
+    assert md.startswith("# t\n")
+    assert "| method | run | seed | syn_relation | syn_attribution | syn_retrieval/i2t_R@1 |" in md
+    assert "| clip | runs/clip/a | 0 | 0.500 | 0.960 | 0.410 |" in md
+    assert "| negclip | runs/negclip/b | 0 | 0.812 | 0.970 | – |" in md  # missing metric shown as a dash
+    assert "| clip | runs/clip/c | 1 | 0.520 | 0.950 | 0.400 |" in md
     assert "- tie counts as wrong" in md
     with open(paths["csv"]) as f:
         back = list(csv.DictReader(f))
-    assert [float(r["syn_relation"]) for r in back] == [0.5, 0.8123, 0.52]
+    assert [r["method"] for r in back] == ["clip", "negclip", "clip"]
+    assert [float(r["syn_relation"]) for r in back] == [0.5, 0.8123, 0.52]  # full precision
+    assert [r["syn_retrieval/i2t_R@1"] for r in back] == ["0.41", "", "0.4"]
     for family in FAMILIES:
-        assert paths[family].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert paths[family] == tmp_path / "out" / f"{family}.png"
+        assert paths[family].read_bytes()[:8] == PNG
 
 
 def test_never_overwrites(tmp_path):
     write_report(ROWS, tmp_path, families=FAMILIES)
-    with pytest.raises(FileExistsError, match="never overwritten"):
+    with pytest.raises(FileExistsError, match="results.md"):
         write_report(ROWS, tmp_path, families=FAMILIES)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "syn_choice.png").write_bytes(b"old")  # an old chart counts too
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        write_report(ROWS, other, families=FAMILIES)
+    assert (other / "syn_choice.png").read_bytes() == b"old" and not (other / "results.md").exists()
+
+
+def test_missing_values_and_metrics_outside_families(tmp_path):
+    rows = [{"method": "a|b", "run": "r", "x": math.nan, "extra": 0.25}]
+    paths = write_report(rows, tmp_path, families={"f": ["x"]})
+    assert "| method | run | x | extra |" in paths["md"].read_text()
+    assert r"| a\|b | r | – | 0.250 |" in paths["md"].read_text()  # NaN as a dash, '|' escaped
+    assert paths["f"].read_bytes()[:8] == PNG
+    with pytest.raises(ValueError, match="no rows"):
+        write_report([], tmp_path / "empty", families=FAMILIES)
+    with pytest.raises(ValueError, match="family name"):
+        write_report(rows, tmp_path / "bad", families={"a/b": ["x"]})
 
 
 def test_format_table_columns_in_order():
-    table = format_table(ROWS[:1], ["syn_attribution", "method"])
-    assert table.splitlines()[0] == "| syn_attribution | method |" and "| 0.960 | clip |" in table
+    table = format_table(ROWS[:1], ["syn_attribution", "method", "missing"])
+    assert table.splitlines() == ["| syn_attribution | method | missing |", "|---|---|---|", "| 0.960 | clip | – |"]
+
+
+def test_import_does_not_load_matplotlib():
+    code = "import sys, benchmarks.report; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
