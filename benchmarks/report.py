@@ -1,84 +1,101 @@
-"""The report writer: results.md, results.csv and one PNG chart per benchmark family, never over old ones."""
+"""The report writer: results.md, results.csv and one PNG chart per benchmark family, never over old ones.
+matplotlib is imported only when a chart is drawn, so `import benchmarks.report` stays fast."""
 from __future__ import annotations
 
 import csv
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
 ID_COLUMNS = ("method", "run", "seed")
+NOT_METRICS = {*ID_COLUMNS, "label"}  # `label` names a chart bar (sweeps set it); it is no table column
 
 
 def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A table cell: non-integer numbers with 3 decimals, missing values (None, NaN) as '–', '|' escaped."""
+    if value is None or (isinstance(value, numbers.Real) and math.isnan(value)):
         return "–"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return f"{float(value):.3f}"
+    return str(value).replace("|", r"\|")
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A Markdown table, numbers with 3 decimals, missing values as '–'."""
+    """A Markdown table of `columns` (in that order), one line per row, numbers with 3 decimals, missing as '–'."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, numbers.Real) and math.isnan(value))
 
 
 def _chart(rows: list[dict[str, Any]], metrics: list[str], family: str, path: Path,
            errors: list[dict[str, float]] | None = None) -> None:
-    """A grouped bar chart: one group per metric, one bar per row; `errors` (per row) draws error bars."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(metrics) + 2), 4))
+    """A grouped bar chart into a new file `path`: one group per metric, one bar per row (a missing value draws
+    no bar), y from 0 to 1; `errors` (one dict per row) draws error bars."""
+    from matplotlib.figure import Figure  # renders with Agg; no pyplot, so no global backend state is touched
+
+    fig = Figure(figsize=(max(5.0, 1.6 * len(metrics) + 3), 4))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(rows))
+    labelled = len(rows) * len(metrics) <= 24  # value labels only while they stay readable
     for i, row in enumerate(rows):
         xs = [m + (i - (len(rows) - 1) / 2) * width for m in range(len(metrics))]
-        ys = [row.get(m) if row.get(m) is not None else 0.0 for m in metrics]
+        ys = [math.nan if _missing(row.get(m)) else float(row[m]) for m in metrics]
         err = [errors[i].get(m, 0.0) for m in metrics] if errors else None
-        label = row.get("label") or f"{row['method']} ({Path(str(row.get('run', ''))).name})"
+        label = row.get("label") or f"{row.get('method', '?')} ({Path(str(row.get('run', ''))).name})"
         bars = ax.bar(xs, ys, width, yerr=err, capsize=3 if err else 0, label=label)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        if labelled:
+            ax.bar_label(bars, labels=["" if math.isnan(y) else f"{y:.2f}" for y in ys], fontsize=7)
     ax.set_xticks(range(len(metrics)), [m.split("/")[-1] for m in metrics])
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.05)  # the headroom is for the value labels of bars at 1.0
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("accuracy / recall")
     ax.set_title(family)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, never over a bar
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with open(path, "xb") as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+
+
+def _columns(rows: list[dict[str, Any]], families: dict[str, list[str]]) -> list[str]:
+    """method, run (and seed when any row has one), the families' metrics in order, then any other row keys."""
+    ids = [c for c in ID_COLUMNS if c in ("method", "run") or any(c in r for r in rows)]
+    metrics = list(dict.fromkeys(m for ms in families.values() for m in ms))
+    extra = [k for r in rows for k in r if k not in NOT_METRICS and k not in metrics]
+    return ids + metrics + list(dict.fromkeys(extra))
 
 
 def write_report(rows: list[dict[str, Any]], out_dir: str | Path, *, families: dict[str, list[str]],
                  title: str = "clipcomp results", notes: list[str] | None = None) -> dict[str, Path]:
-    """Write results.md, results.csv and `<family>.png` into out_dir; an existing report is never replaced."""
+    """Write results.md, results.csv and `<family>.png` into out_dir and return their paths ("md", "csv", and one
+    key per family); a folder that already holds any of them is refused, so no result is ever overwritten."""
+    if not rows:
+        raise ValueError("no rows to report")
+    for family in families:
+        if family in ("md", "csv") or not family or family in (".", "..") or "/" in family or "\\" in family:
+            raise ValueError(f"family name {family!r} cannot name a chart file (or clashes with 'md'/'csv')")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md, csv_path = out / "results.md", out / "results.csv"
-    if md.exists() or csv_path.exists():
-        raise FileExistsError(f"{md}: a report is already there; results are never overwritten")
-    metrics = [m for ms in families.values() for m in ms]
-    ids = [c for c in ID_COLUMNS if any(c in r for r in rows)]
-    columns = ids + metrics
+    paths = {"md": out / "results.md", "csv": out / "results.csv"} | {f: out / f"{f}.png" for f in families}
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing:
+        raise FileExistsError(f"{existing[0]}: a report is already there; results are never overwritten")
+    columns = _columns(rows, families)
     text = f"# {title}\n\n{format_table(rows, columns)}\n"
     if notes:
-        text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    with open(md, "x") as f:
+        text += "\n" + "".join(f"- {n}\n" for n in notes)
+    with open(paths["md"], "x") as f:
         f.write(text)
-    with open(csv_path, "x", newline="") as f:
+    with open(paths["csv"], "x", newline="") as f:  # floats are written in full (repr) precision
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    paths = {"md": md, "csv": csv_path}
-    for family, ms in families.items():
-        paths[family] = out / f"{family}.png"
-        _chart(rows, ms, family, paths[family])
+    for family, metrics in families.items():
+        _chart(rows, metrics, family, paths[family])
     return paths
 
 
@@ -88,14 +105,17 @@ def latex_table(rows: list[dict[str, Any]], columns: list[str], caption: str = "
     lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + "l" * len(columns) + "}", r"\toprule",
              " & ".join(esc(c) for c in columns) + r" \\", r"\midrule"]
     lines += [" & ".join(esc(_fmt(r.get(c))) for c in columns) + r" \\" for r in rows]
-    lines += [r"\bottomrule", r"\end{tabular}"] + ([rf"\caption{{{esc(caption)}}}"] if caption else []) + [r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}"] + ([rf"\caption{{{esc(caption)}}}"] if caption else [])
+    lines += [r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
 def curves_chart(runs: dict[str, Path], path: Path) -> None:
     """Training loss per step and held-out loss per validation, one line per run, from each run's metrics.csv."""
-    plt = _pyplot()
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(10, 4))
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    ax_train, ax_val = fig.subplots(1, 2)
     for label, run in runs.items():
         with open(Path(run) / "metrics.csv") as f:
             rows = list(csv.DictReader(f))
@@ -110,4 +130,3 @@ def curves_chart(runs: dict[str, Path], path: Path) -> None:
     ax_train.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -112,7 +112,8 @@ def draw(canvas: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float
         for k in range(10):
             r = (w - 1) / 2 if k % 2 == 0 else (w - 1) / 5
             a = -math.pi / 2 + k * math.pi / 5
-            points.append((cx + r * math.cos(a), cy + r * math.sin(a)))
+            # clamped: float rounding would put the tip a hair above y, and PIL floors it to the row above
+            points.append((min(max(cx + r * math.cos(a), x), x1), min(max(cy + r * math.sin(a), y), y1)))
         canvas.polygon(points, fill=fill)
     else:
         raise ValueError(f"unknown shape '{shape}'; available: {', '.join(SHAPES)}")
@@ -134,13 +135,21 @@ class ShapesWorld:
         train_size: int = 8192
         val_size: int = 512
         test_size: int = 1000
-        holdout: list[str] = field(default_factory=list)  # "colour shape" pairs never shown in train
+        holdout: list[str] = field(default_factory=list)  # "colour shape" pairs never drawn in train
 
     def __init__(self, cfg: "ShapesWorld.Config", split: str) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split '{split}'; available: {', '.join(SPLITS)}")
         if not 2 <= cfg.num_objects <= 4:
             raise ValueError(f"shapes world: num_objects must be 2..4, got {cfg.num_objects}")
+        if cfg.distractors < 0:
+            raise ValueError(f"shapes world: distractors must be >= 0, got {cfg.distractors}")
+        if not 0 < cfg.object_size <= 0.5:
+            raise ValueError(f"shapes world: object_size is a fraction of the canvas in (0, 0.5], got {cfg.object_size}")
+        if cfg.margin < 0:
+            raise ValueError(f"shapes world: margin must be >= 0, got {cfg.margin}")
+        if cfg.image_size < 16:
+            raise ValueError(f"shapes world: image_size must be at least 16 pixels, got {cfg.image_size}")
         if cfg.num_objects + cfg.distractors > min(len(SHAPES), len(COLOURS)):
             raise ValueError(f"shapes world: at most {len(SHAPES)} objects in all (mentioned plus distractors)")
         for pair in cfg.holdout:
@@ -171,7 +180,7 @@ class ShapesWorld:
         c, n = self.cfg, self.cfg.num_objects
         shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[: n + c.distractors]]
         colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[: n + c.distractors]]
-        if self.split == "train" and any(f"{colours[i]} {shapes[i]}" in c.holdout for i in range(n)):
+        if self.split == "train" and any(f"{colours[i]} {shapes[i]}" in c.holdout for i in range(len(shapes))):
             return None
         sizes = [str(rng.choice(list(SIZES))) if c.sizes else "" for _ in shapes]
         sides = [c.object_size * c.image_size * (SIZES[s] if s else 1.0) for s in sizes]

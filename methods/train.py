@@ -1,4 +1,5 @@
-"""Train one method: `python -m methods.train method=clip data=shapes optim.lr=1e-3 ...`.
+"""Train one method: `python -m methods.train method=clip data=shapes optim.lr=1e-3 ...`;
+continue a stopped run: `python -m methods.train resume=runs/clip/<time>`.
 
 Every run gets a folder of its own, runs/<method>/<timestamp>[-<run_name>], holding the resolved
 config, checkpoints (last and best on the validation split), metrics.csv and throughput.json.
@@ -12,9 +13,10 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import configs
 from datamodules import CaptionDataModule, data_schema
@@ -61,27 +63,31 @@ def mark_done(run_dir: Path, trainer: L.Trainer) -> None:
     tmp.replace(run_dir / "done.json")
 
 
-def train(cfg: DictConfig) -> Path:
-    """Fit the configured method; returns the run folder."""
-    run_dir = new_run_dir(cfg)
-    configs.save(cfg, run_dir / "config.yaml")
+def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None = None) -> Path:
+    """Fit the configured method in a new run folder (or continue `run_dir` from `ckpt_path`); returns the folder."""
+    if run_dir is None:
+        run_dir = new_run_dir(cfg)
+        configs.save(cfg, run_dir / "config.yaml")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # the CSV logger shares the run folder with config.yaml; it only ever replaces its own metrics.csv
     warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
     module, dm = build(cfg)
     throughput = Throughput(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
     trainer = L.Trainer(
         **cfg.trainer,
         default_root_dir=run_dir,
         logger=CSVLogger(run_dir, name="", version=""),
         callbacks=[
-            ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
+            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
                             save_last=True, auto_insert_metric_name=False),
+            # an exception or a preemption signal (SIGTERM) writes interrupted.ckpt before the process ends
+            OnExceptionCheckpoint(dirpath=ckpt_dir, filename="interrupted"),
             LearningRateMonitor(logging_interval="step"),
             throughput,
         ],
     )
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     if trainer.is_global_zero:
         mark_done(run_dir, trainer)
         s = throughput.summary()
@@ -91,10 +97,45 @@ def train(cfg: DictConfig) -> Path:
     return run_dir
 
 
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The furthest of last.ckpt (end of an epoch) and interrupted.ckpt (written on a signal or an error)."""
+    found = [p for p in (run_dir / "checkpoints" / n for n in ("last.ckpt", "interrupted.ckpt")) if p.is_file()]
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from; start a new run instead")
+    step = lambda p: torch.load(p, map_location="cpu", weights_only=True)["global_step"]  # noqa: E731
+    return max(found, key=step)
+
+
+def resume(run_dir: str | Path) -> Path:
+    """Continue a run from its last checkpoint, in its own folder, with its own config."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
+    ckpt = latest_checkpoint(run_dir)
+    if (run_dir / "done.json").is_file():
+        raise FileExistsError(f"{run_dir}: the run finished (done.json); start a new run instead")
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    cfg = configs._merge(compose_train([f"method={saved.method.name}"]), saved, str(run_dir / "config.yaml"))
+    metrics = run_dir / "metrics.csv"
+    if metrics.is_file():  # the CSV logger starts a new file: keep the old one beside it
+        k = 1
+        while (run_dir / f"metrics.part{k}.csv").exists():
+            k += 1
+        metrics.rename(run_dir / f"metrics.part{k}.csv")
+    return train(cfg, run_dir=run_dir, ckpt_path=ckpt)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    resume_from = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     try:
-        cfg = compose_train(sys.argv[1:] if argv is None else argv)
-    except (configs.ConfigError, KeyError) as e:
+        if resume_from:
+            if len(argv) > 1:
+                raise configs.ConfigError("resume=<run> takes no other arguments: the run's own config.yaml is used")
+            resume(resume_from[0])
+            return 0
+        cfg = compose_train(argv)
+    except (configs.ConfigError, KeyError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     train(cfg)

@@ -189,19 +189,12 @@ def test_nothing_is_drawn_outside_the_exact_boxes_default():
     assert _outside_exact_boxes(DEFAULT, "test", 200) == []
 
 
-STAR_TIP_BUG = (
-    "shapes.py draw(), star branch (lines 111-116): the top vertex is computed as cy + r*sin(-pi/2), which "
-    "float rounding puts just above y (e.g. box y=31, w=8.96 -> 30.999999999999996); PIL floors it, so the "
-    "star's tip is drawn one pixel above its box (rows y-1) for several y at 64 px canvases"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=STAR_TIP_BUG)
 def test_nothing_is_drawn_outside_the_exact_boxes_hard():
     assert _outside_exact_boxes(HARD, "test", 100) == []
 
 
-@pytest.mark.xfail(strict=True, reason=STAR_TIP_BUG)
 def test_star_stays_inside_its_box():
     bad = []
     for side in (0.2 * 64 * 0.7, 0.3 * 32, 0.2 * 64, 0.2 * 64 * 1.25):
@@ -287,10 +280,6 @@ def test_holdout_pairs_are_never_mentioned_in_training_but_appear_in_test(sizes)
     assert any(drawn_pairs(plain[i].graph) & set(HOLDOUT) for i in range(300))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shapes.py line 174: the holdout filter only looks at the mentioned objects (range(n)), so a held-out "
-    "colour-shape pair is still drawn in training images as a distractor (e.g. holdout=['red circle', "
-    "'blue square'], distractors=2: train scene 1 draws a blue square), contradicting 'never shown in train'"))
 def test_holdout_pairs_are_never_drawn_in_training_even_as_distractors():
     cfg = ShapesWorld.Config(holdout=list(HOLDOUT), distractors=2)
     train = ShapesWorld(cfg, "train")
@@ -390,9 +379,6 @@ def test_unknown_split_is_named():
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
-@pytest.mark.xfail(strict=True, reason=(
-    "shapes.py lines 142-145 never check distractors >= 0: distractors=-1 is accepted, then train raises "
-    "IndexError at line 174 and test builds scenes with num_objects-1 objects and an empty caption ''"))
 def test_negative_distractors_are_rejected(split):
     with pytest.raises(ValueError, match="distractors"):
         ShapesWorld(ShapesWorld.Config(distractors=-1), split)[0]
