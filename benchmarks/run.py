@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import configs
+from configs.files import new_folder
 from benchmarks.base import BENCHMARKS, BenchContext
 from benchmarks.report import format_table, write_report
 from methods import METHODS
@@ -54,15 +55,7 @@ def load_run(run: Path, ckpt: str, device: torch.device):
 
 
 def new_out_dir(cfg: DictConfig) -> Path:
-    base = Path(cfg.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.bench.name}"
-    for k in range(1000):
-        path = base if k == 0 else base.with_name(f"{base.name}.{k}")
-        try:
-            path.mkdir(parents=True, exist_ok=False)
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new results folder next to {base}")
+    return new_folder(Path(cfg.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.bench.name}")
 
 
 def device_for(name: str) -> torch.device:

@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 import configs
+from configs.files import new_folder, write_atomic
 from benchmarks.report import curves_chart, format_table, latex_table, _chart
 from benchmarks.run import bench_run, device_for, merge_families
 from methods import METHODS
@@ -84,12 +85,6 @@ def finished_run(cell_dir: Path) -> Path | None:
     return done[-1].parent if done else None
 
 
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 def run_cell(cell_dir: Path, overrides: list[str], bench_cfg: Any) -> dict[str, Any]:
     """Train (unless a finished run is there) and benchmark one cell; result.json marks it done."""
     run = finished_run(cell_dir)
@@ -97,7 +92,7 @@ def run_cell(cell_dir: Path, overrides: list[str], bench_cfg: Any) -> dict[str, 
         run = train(compose_train(overrides + [f"runs_dir={cell_dir / 'runs'}"]))
     rows, families, notes = bench_run(run, bench_cfg, device_for(bench_cfg.device))
     result = {"overrides": overrides, "run": str(run), "rows": rows, "families": families, "notes": notes}
-    write_json(cell_dir / "result.json", result)
+    write_atomic(cell_dir / "result.json", json.dumps(result, indent=2))
     return result
 
 
@@ -155,15 +150,7 @@ def report(spec: SweepSpec, results: list[tuple[dict[str, Any], dict[str, Any]]]
         notes += [n for n in r["notes"] if n not in notes]
     metrics = [m for ms in families.values() for m in ms]
     groups = aggregate(results, metrics)
-    out = Path(spec.out_dir) / spec.name / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
-    for k in range(1000):
-        candidate = out if k == 0 else out.with_name(f"{out.name}.{k}")
-        try:
-            candidate.mkdir(parents=True, exist_ok=False)
-            out = candidate
-            break
-        except FileExistsError:
-            continue
+    out = new_folder(Path(spec.out_dir) / spec.name / f"report-{time.strftime('%Y%m%d-%H%M%S')}")
     rows = table_rows(groups, metrics)
     columns = ["method", "seeds"] + metrics
     legend = ("mean ± std over seeds; (difference to the first row, the baseline); "

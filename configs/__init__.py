@@ -86,10 +86,9 @@ def compose(root: str, argv: list[str] | tuple[str, ...] = (), schemas: Mapping[
 
 def save(cfg: DictConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
+    from configs.files import write_atomic
+
+    write_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def to_plain(cfg: DictConfig) -> dict:

@@ -9,6 +9,8 @@ from typing import Any
 
 import lightning as L
 
+from configs.files import write_atomic
+
 
 class Throughput(L.Callback):
     """Samples per second over training steps (data loading included), after `warmup` steps; median and mean."""
@@ -45,6 +47,4 @@ class Throughput(L.Callback):
         if trainer.is_global_zero:
             info = self.summary() | {"accelerator": type(trainer.accelerator).__name__, "world_size": trainer.world_size,
                                      "precision": str(trainer.precision)}
-            tmp = self.path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(info, indent=2))
-            tmp.replace(self.path)
+            write_atomic(self.path, json.dumps(info, indent=2))

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 import configs
+from configs.files import new_folder, write_atomic
 from datamodules import CaptionDataModule, data_schema
 from methods import METHODS, method_schema
 from methods.callbacks import Throughput
@@ -34,15 +35,7 @@ def compose_train(argv: list[str]) -> DictConfig:
 def new_run_dir(cfg: DictConfig) -> Path:
     """A fresh folder for this run; never an existing one."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.runs_dir) / cfg.method.name / (stamp + (f"-{cfg.run_name}" if cfg.run_name else ""))
-    for k in range(1000):
-        path = base if k == 0 else base.with_name(f"{base.name}.{k}")
-        try:
-            path.mkdir(parents=True, exist_ok=False)
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new run folder next to {base}")
+    return new_folder(Path(cfg.runs_dir) / cfg.method.name / (stamp + (f"-{cfg.run_name}" if cfg.run_name else "")))
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningModule, CaptionDataModule]:
@@ -57,10 +50,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, CaptionDataModule]:
 
 def mark_done(run_dir: Path, trainer: L.Trainer) -> None:
     """`done.json`, written last and atomically: a run without it did not finish."""
-    tmp = run_dir / "done.json.tmp"
-    tmp.write_text(json.dumps({"global_step": trainer.global_step, "epochs": trainer.current_epoch,
-                               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
-    tmp.replace(run_dir / "done.json")
+    write_atomic(run_dir / "done.json", json.dumps({"global_step": trainer.global_step, "epochs": trainer.current_epoch,
+                                                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None = None) -> Path:

@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from tests_support import PREDICATE_OF_PHRASE, CLAUSE
 from datamodules.graph import Entity, Relation, SceneGraph
 from datamodules.negatives import (ORDER_PERTURBATIONS, order_negatives, shuffle_allbut_nouns_and_adj,
                                    shuffle_nouns_and_adj, shuffle_trigrams, shuffle_within_trigrams,
@@ -18,14 +19,6 @@ DEFAULT = ShapesWorld.Config()
 HARD = ShapesWorld.Config(image_size=64, num_objects=3, distractors=2, sizes=True, object_size=0.2)
 TWO_WITH_DISTRACTORS = ShapesWorld.Config(image_size=64, num_objects=2, distractors=2, sizes=True, object_size=0.2)
 
-PHRASE = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
-PREDICATE_OF_PHRASE = {v: k for k, v in PHRASE.items()}
-_P = "|".join(re.escape(p) for p in sorted(PHRASE.values(), key=len, reverse=True))
-CLAUSE = [
-    re.compile(rf"^an? (?P<s>.+?) (?P<p>{_P}) an? (?P<o>.+)$"),
-    re.compile(rf"^there is an? (?P<s>.+?) (?P<p>{_P}) an? (?P<o>.+)$"),
-    re.compile(rf"^the (?P<s>.+?) is (?P<p>{_P}) the (?P<o>.+)$"),
-]
 
 
 def satisfies(predicate: str, a, b, margin: float = 0.0) -> bool:

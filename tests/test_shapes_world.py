@@ -12,23 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from tests_support import PHRASE, CONVERSE, PREDICATE_OF_PHRASE, CLAUSE
 from datamodules.shapes import BACKGROUND, COLOURS, SHAPES, SIZES, ShapesWorld, draw
 
 DEFAULT = ShapesWorld.Config()
 HARD = ShapesWorld.Config(image_size=64, num_objects=3, distractors=2, sizes=True, object_size=0.2)
 CONFIGS = pytest.mark.parametrize("cfg", [DEFAULT, HARD], ids=["default", "hard"])
 
-# Our own reading of the spec: predicate -> (caption phrase, converse predicate).
-PHRASE = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
-CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-PREDICATE_OF_PHRASE = {v: k for k, v in PHRASE.items()}
-_P = "|".join(re.escape(p) for p in sorted(PHRASE.values(), key=len, reverse=True))
-# The three templates, in caption order: "a X <p> a Y", "there is a X <p> a Y", "the X is <p> the Y".
-CLAUSE = [
-    re.compile(rf"^(?P<da>an?) (?P<s>.+?) (?P<p>{_P}) (?P<db>an?) (?P<o>.+)$"),
-    re.compile(rf"^there is (?P<da>an?) (?P<s>.+?) (?P<p>{_P}) (?P<db>an?) (?P<o>.+)$"),
-    re.compile(rf"^the (?P<s>.+?) is (?P<p>{_P}) the (?P<o>.+)$"),
-]
 
 
 def article(text: str) -> str:

@@ -1,4 +1,5 @@
-"""Shared test settings: the default job made small enough for a 2-core CPU."""
+"""Shared test settings and readers, written independently of the code under test."""
+import re
 
 TINY_ARGS = [
     "trainer=debug",
@@ -9,4 +10,17 @@ TINY_ARGS = [
     "data.eval_batch_size=16",
     "data.num_workers=0",
     "optim.warmup_steps=2",
+]
+
+
+# Our own reading of the spec: predicate -> (caption phrase, converse predicate).
+PHRASE = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+PREDICATE_OF_PHRASE = {v: k for k, v in PHRASE.items()}
+_P = "|".join(re.escape(p) for p in sorted(PHRASE.values(), key=len, reverse=True))
+# The three templates, in caption order: "a X <p> a Y", "there is a X <p> a Y", "the X is <p> the Y".
+CLAUSE = [
+    re.compile(rf"^(?P<da>an?) (?P<s>.+?) (?P<p>{_P}) (?P<db>an?) (?P<o>.+)$"),
+    re.compile(rf"^there is (?P<da>an?) (?P<s>.+?) (?P<p>{_P}) (?P<db>an?) (?P<o>.+)$"),
+    re.compile(rf"^the (?P<s>.+?) is (?P<p>{_P}) the (?P<o>.+)$"),
 ]
