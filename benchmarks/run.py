@@ -49,9 +49,19 @@ def load_run(run: Path, ckpt: str, device: torch.device):
     plain = configs.to_plain(run_cfg)
     plain["model"]["pretrained"] = None  # the checkpoint has every weight; never fetch the starting ones
     module = METHODS.get(run_cfg.method.name)(plain)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    module.load_state_dict(state["state_dict"])
+    module.load_state_dict(read_checkpoint(path)["state_dict"])
     return module.to(device).eval(), run_cfg
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents, loaded with weights_only=True; a truncated or foreign file is named, not unpickled."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError or EOFError depending on the damage
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return state
 
 
 def new_out_dir(cfg: DictConfig) -> Path:
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = configs.compose("bench", sys.argv[1:] if argv is None else argv)
         rows, families, notes, out = evaluate(cfg)
-    except (configs.ConfigError, KeyError, FileNotFoundError) as e:
+    except (configs.ConfigError, KeyError, FileNotFoundError, ValueError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     paths = write_report(rows, out, families=families, title=f"clipcomp: {cfg.bench.name}", notes=notes)

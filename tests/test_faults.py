@@ -60,3 +60,49 @@ def test_too_many_bad_steps_stop_with_the_last_good_state(make_cfg, poison):
     for k, v in good.items():
         torch.testing.assert_close(saved[k], v, msg=k)
     assert not (run / "done.json").exists()
+
+
+def test_same_seed_same_weights_twice(make_cfg):
+    a = torch.load(train_mod.train(make_cfg()) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(train_mod.train(make_cfg()) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corrupt_and_foreign_checkpoints_are_named_not_unpickled(make_cfg, tmp_path, capsys):
+    from benchmarks.run import main as bench_main
+
+    run = train_mod.train(make_cfg())
+    ckpt = run / "checkpoints" / "last.ckpt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])  # a half-written file
+    assert bench_main([f"runs=[{run}]", "ckpt=last", f"out_dir={tmp_path / 'r'}"]) == 2
+    assert f"{ckpt}: not a readable checkpoint" in capsys.readouterr().err
+
+    class Evil:  # an object whose unpickling would run code
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    import pickle
+    ckpt.write_bytes(pickle.dumps({"state_dict": Evil()}))
+    assert bench_main([f"runs=[{run}]", "ckpt=last", f"out_dir={tmp_path / 'r2'}"]) == 2
+    captured = capsys.readouterr()
+    assert "unpickled!" not in captured.out and "not a readable checkpoint" in captured.err
+
+
+def test_a_full_disk_never_leaves_half_a_file(tmp_path, monkeypatch):
+    import errno
+
+    from configs.files import write_atomic
+
+    target = tmp_path / "result.json"
+    write_atomic(target, '{"ok": 1}')
+    real = Path.write_text
+
+    def full(self, text, *a, **k):
+        real(self, text[: len(text) // 2], *a, **k)  # part of it got out, then the disk was full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(target, '{"ok": 2, "more": "data"}')
+    assert target.read_text() == '{"ok": 1}'  # the old result is intact
