@@ -38,9 +38,12 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, all_image_fe
 
 
 def max_violation_hinge(image_features: Tensor, text_features: Tensor, all_image_features: Tensor,
-                        all_text_features: Tensor, rank: int = 0, margin: float = 0.2) -> Tensor:
+                        all_text_features: Tensor, rank: int = 0, margin: float = 0.2, *,
+                        mean_images: bool = False) -> Tensor:
     """VSE++'s max-violation triplet loss (Structure-CLIP's `WinoLoss`): for each pair, the hardest negative
-    caption of the image and the hardest negative image of the caption, each a hinge at `margin`."""
+    caption of the image and the hardest negative image of the caption, each a hinge at `margin`.
+    `mean_images`: the caption's term uses the mean score over all images (its own included) instead of
+    the hardest one, as the release does for its first 100 iterations (a warm start for the max)."""
     b = image_features.shape[0]
     cols = positive_columns(b, rank, image_features.device)
     rows = torch.arange(b, device=image_features.device)
@@ -48,7 +51,10 @@ def max_violation_hinge(image_features: Tensor, text_features: Tensor, all_image
     t2i = text_features @ all_image_features.T  # (B, W*B)
     pos_i2t, pos_t2i = i2t[rows, cols], t2i[rows, cols]  # (B,), (B,)
     hardest_text = i2t.index_put((rows, cols), torch.tensor(float("-inf"), device=i2t.device)).max(dim=1).values
-    hardest_image = t2i.index_put((rows, cols), torch.tensor(float("-inf"), device=t2i.device)).max(dim=1).values
+    if mean_images:
+        hardest_image = t2i.mean(dim=1)  # (B,)
+    else:
+        hardest_image = t2i.index_put((rows, cols), torch.tensor(float("-inf"), device=t2i.device)).max(dim=1).values
     return (F.relu(margin + hardest_text - pos_i2t) + F.relu(margin + hardest_image - pos_t2i)).mean()
 
 

@@ -5,7 +5,8 @@ swapped, or the attributes of two different objects swapped. A caption without a
 pair has no semantic negative (the released data reused the previous record's negative; the lab never
 does). Loss as released: a max-violation hinge (margin 0.2) on the KEE-fused text features, plus 5 times a
 margin loss (0.1) between each image's score for its caption and for its negative on plain CLIP text
-features; InfoNCE is an option, off as released.
+features; InfoNCE is an option, off as released. As released, the text side of the hinge uses the mean image score
+instead of the hardest for the first 100 iterations (`hinge_warmup_steps`).
 
 The KEE embeds up to 6 triples (relations first, then (object, "is", attribute)); each element is
 mean-pooled over its token embeddings, a triple is h + r - t, a stack of transformer layers reads the
@@ -90,6 +91,7 @@ class StructureCLIP(ContrastiveMethod):
         kee_weight: float = 0.2
         max_triples: int = 6
         hinge_margin: float = 0.2
+        hinge_warmup_steps: int = 100  # the release's first iterations use the mean image score on the text side
         negative_margin: float = 0.1
         negative_weight: float = 5.0
         infonce_weight: float = 0.0  # off as released
@@ -140,7 +142,9 @@ class StructureCLIP(ContrastiveMethod):
         rank, _ = dist_info()
         img, fused = feats["image_features"], feats["fused_text_features"]
         all_img, all_fused = self.gather(img), self.gather(fused)
-        terms = {"hinge_loss": max_violation_hinge(img, fused, all_img, all_fused, rank, self.mcfg.hinge_margin)}
+        warm = self.training and self.global_step < self.mcfg.hinge_warmup_steps
+        terms = {"hinge_loss": max_violation_hinge(img, fused, all_img, all_fused, rank, self.mcfg.hinge_margin,
+                                                   mean_images=warm)}
         if "neg_text_features" in feats and self.mcfg.negative_weight > 0:
             terms["negative_loss"] = self.mcfg.negative_weight * caption_margin_loss(
                 img, feats["text_features"], feats["neg_text_features"], feats["neg_valid"], self.mcfg.negative_margin)

@@ -99,6 +99,10 @@ def test_hinge_and_margin_losses_by_hand():
         expected += max(0.0, 0.2 + hardest_caption - s[i, i]) + max(0.0, 0.2 + hardest_image - s[i, i])
     got = max_violation_hinge(img, txt, img, txt, margin=0.2)
     assert math.isclose(got.item(), expected / 3, rel_tol=1e-6)
+    warm = sum(max(0.0, 0.2 + max(s[i, j] for j in range(3) if j != i) - s[i, i])
+               + max(0.0, 0.2 + float(s[:, i].mean()) - s[i, i]) for i in range(3))
+    assert math.isclose(max_violation_hinge(img, txt, img, txt, margin=0.2, mean_images=True).item(), warm / 3,
+                        rel_tol=1e-6)
     neg = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     pos_scores, neg_scores = (img * txt).sum(1), (img * neg).sum(1)
     by_hand = [max(0.0, 0.1 - (p - n)) for p, n in zip(pos_scores.tolist(), neg_scores.tolist())]
