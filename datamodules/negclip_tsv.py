@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
+from datamodules.images import load_image
 from datamodules.source import SOURCES, Sample
 
 COLUMNS = ("title", "filepath", "neg_caption", "neg_image")
@@ -63,17 +62,6 @@ def read_negclip_tsv(path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{r['where']}: neg_image row ids {missing} are not rows of the file")
         r["neighbours"] = [position[j] for j in r["neg_image"]]
     return rows
-
-
-def load_image(path: Path, where: str) -> Image.Image:
-    """An RGB image, or an error that names the file and the record."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}: image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{where}: cannot read image {path}: {e}") from None
 
 
 @SOURCES.register("negclip_tsv")

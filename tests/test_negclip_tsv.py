@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from datamodules.datamodule import collate
+from datamodules.images import BadInput
 from datamodules.negclip_tsv import NegCLIPTSV, read_negclip_tsv
 from methods.train import build, compose_train, train
 
@@ -77,10 +78,10 @@ def test_missing_and_corrupt_images_are_named(tmp_path):
     path = write_fixture(tmp_path)
     src = NegCLIPTSV(NegCLIPTSV.Config(train_file=str(path), image_root=str(tmp_path / "coco")), "train")
     (tmp_path / "coco" / "val2014" / "COCO_val2014_000000000002.jpg").unlink()
-    with pytest.raises(FileNotFoundError, match=r"train.csv:4: image not found: .*000000000002.jpg"):
+    with pytest.raises(BadInput, match=r"train.csv:4: image not found: .*000000000002.jpg"):
         src[2]
     (tmp_path / "coco" / "val2014" / "COCO_val2014_000000000003.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(ValueError, match=r"train.csv:5: cannot read image .*000000000003.jpg"):
+    with pytest.raises(BadInput, match=r"train.csv:5: cannot read image .*000000000003.jpg"):
         src[3]
     with pytest.raises(FileNotFoundError, match="NegCLIP TSV not found"):
         read_negclip_tsv(tmp_path / "nope.csv")
