@@ -5,6 +5,9 @@
 - Syn-Attribution: the true caption against the one with the two objects' attributes swapped (tie = wrong).
 - Syn-Order: the true caption against ARO's four word-order shuffles of it (tie = right, as ARO's Order).
 - Syn-Retrieval: image->text and text->image Recall@1/5/10 with the canonical caption of each test image.
+- Syn-Partial-Retrieval: the same with short prompts (SmartCLIP's claim): every distinct partial caption of
+  the test split (one object with its attributes; one relation without attributes) against every test image,
+  an image a positive wherever the partial caption is true of it.
 Every test image is encoded once and shared by the four benchmarks. Each caption option is passed with its
 own exact scene graph (the swapped graph for a swap), for methods that read graphs at test time.
 """
@@ -18,9 +21,10 @@ from benchmarks.base import BENCHMARKS, BenchContext, BenchResult
 from benchmarks.scoring import (choice_correct, encode_image_dataset, encode_unique_texts, retrieval_metrics,
                                 score_options)
 from datamodules.negatives import order_negatives, swap_attributes, swap_relation
-from datamodules.shapes import ShapesWorld, render_caption, word_tags
+from datamodules.graph import SceneGraph
+from datamodules.shapes import ShapesWorld, holds, render_caption, word_tags
 
-FAMILY_CHOICE, FAMILY_RETRIEVAL = "syn_choice", "syn_retrieval"
+FAMILY_CHOICE, FAMILY_RETRIEVAL, FAMILY_PARTIAL = "syn_choice", "syn_retrieval", "syn_partial"
 
 
 def world(ctx: BenchContext) -> ShapesWorld:
@@ -116,3 +120,47 @@ def syn_retrieval(ctx: BenchContext) -> BenchResult:
     return BenchResult(metrics, FAMILY_RETRIEVAL,
                        notes=[f"Syn-Retrieval: {len(captions)} test images with their canonical captions ({len(ids)} distinct); "
                               f"R@1 chance about {1 / len(captions):.4f}"])
+
+
+def partial_facts(w: ShapesWorld, g: SceneGraph) -> list[tuple[str, tuple]]:
+    """(partial caption, its fact) for each of a scene's partial captions, in `partial_captions`' order (each
+    mentioned object, then each relation): ("object", name, attributes) or ("relation", subject, predicate, object)."""
+    texts = w.partial_captions(g)
+    facts = [("object", e.name, frozenset(e.attributes)) for e in g.objects[: w.cfg.num_objects]]
+    facts += [("relation", g.objects[r.subject].name, r.predicate, g.objects[r.object].name) for r in g.relations]
+    if len(texts) != len(facts):
+        raise RuntimeError(f"shapes world: {len(texts)} partial captions for {len(facts)} facts; the two disagree")
+    return list(zip(texts, facts))
+
+
+def fact_holds(fact: tuple, scene: SceneGraph) -> bool:
+    """Whether a partial caption's fact is true of a scene, every drawn object (distractors too) counted: an
+    object with that shape and exactly those attributes; or two objects with those shapes whose boxes stand in
+    the relation on its axis (one wholly on that side of the other)."""
+    if fact[0] == "object":
+        return any(e.name == fact[1] and frozenset(e.attributes) == fact[2] for e in scene.objects)
+    _, subject, predicate, obj = fact
+    return any(a.name == subject and b.name == obj and holds(predicate, a.box, b.box, 0.0)
+               for a in scene.objects for b in scene.objects if a is not b)
+
+
+@BENCHMARKS.register("syn_partial_retrieval")
+def syn_partial_retrieval(ctx: BenchContext) -> BenchResult:
+    w = world(ctx)
+    facts = dict(f for g in graphs(ctx) for f in partial_facts(w, g))  # distinct partial captions, first-seen order
+    texts = list(facts)
+    scenes = ctx.cached("syn_scenes", lambda: [w.graph(i) for i in range(len(w))])  # with distractors
+    positives = torch.tensor([[fact_holds(facts[t], s) for s in scenes] for t in texts])  # (N_text, N_image)
+    feats = encode_unique_texts(ctx.model, texts, batch_size=ctx.spec.batch_size)
+    m = retrieval_metrics(image_features(ctx), feats, positives=positives, ks=(1, 5, 10))
+    metrics = {f"syn_partial/t2i_R@{k}": m[f"image_retrieval_recall@{k}"] for k in (1, 5, 10)}
+    metrics |= {f"syn_partial/i2t_R@{k}": m[f"text_retrieval_recall@{k}"] for k in (1, 5, 10)}
+    for kind in ("object", "relation"):  # text->image R@1 by kind of prompt
+        rows = torch.tensor([facts[t][0] == kind for t in texts])
+        hits = retrieval_metrics(image_features(ctx), feats[rows], positives=positives[rows], ks=(1,))
+        metrics[f"syn_partial/t2i_R@1_{kind}"] = hits["image_retrieval_recall@1"]
+    return BenchResult(metrics, FAMILY_PARTIAL, notes=[
+        f"Syn-Partial-Retrieval: {len(texts)} distinct partial captions ({int(sum(facts[t][0] == 'object' for t in texts))} "
+        f"objects, the rest relations without attributes) against {len(scenes)} test images; a hit if any image the "
+        f"caption is true of is in the top k (text->image, mean {positives.sum(1).float().mean():.1f} true images per "
+        f"caption), or any caption true of the image is (image->text)"])

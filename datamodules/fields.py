@@ -6,12 +6,14 @@ value (a tensor is stacked in the batch, anything else listed) or a dict of seve
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from configs.registry import Registry
+from datamodules.graph import Box, Entity, SceneGraph, indefinite
 from datamodules.source import Sample, Source
 
 
@@ -55,6 +57,15 @@ def partial_text_field(sample: Sample, caption_index: int, ctx: FieldContext) ->
     return ctx.tokenize([text])[0]
 
 
+@FIELDS.register("granular_text")
+def granular_text_field(sample: Sample, caption_index: int, ctx: FieldContext) -> dict[str, Any]:
+    """`text` and `caption` replaced by a caption of random granularity (SmartCLIP's sampler): drawn uniformly
+    from the sample's partial captions and the first k sentences of the drawn caption, k = 1..n (the release
+    splits on ". " and draws k uniformly; a one-sentence caption gives k = 1 only)."""
+    sentences = sample.captions[caption_index].replace("\n", " ").split(". ")
+    choices = list(sample.partial_captions) + [". ".join(sentences[:k]) for k in range(1, len(sentences) + 1)]
+    text = ctx.rng.choice(choices)
+    return {"text": ctx.tokenize([text])[0], "caption": text}
 
 
 @FIELDS.register("caption_graph")
@@ -62,6 +73,76 @@ def caption_graph_field(sample: Sample, caption_index: int, ctx: FieldContext) -
     """The scene graph of the drawn caption itself (a converse paraphrase has the converse relation)."""
     graphs = sample.extra.get("caption_graphs")
     return graphs[caption_index] if graphs else sample.graph
+
+
+def phrase_key(text: str) -> int:
+    """A stable id of a phrase, the same in every process (Python's str hash is salted per process)."""
+    return zlib.crc32(text.encode())
+
+
+def crop_box(box: Box, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """A pixel box (x, y, w, h) as (x0, y0, x1, y1) fractions of the centre square crop of the shorter side:
+    the frame CLIP's evaluation preprocessing (resize, centre crop) hands the model. None if none of it is left."""
+    w, h = size
+    side = min(w, h)
+    ox, oy = (w - side) / 2, (h - side) / 2
+    x0, y0 = max(0.0, (box[0] - ox) / side), max(0.0, (box[1] - oy) / side)
+    x1, y1 = min(1.0, (box[0] + box[2] - ox) / side), min(1.0, (box[1] + box[3] - oy) / side)
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+def relation_text(s: Entity, predicate: str, o: Entity, attributes: bool) -> str:
+    """'a red circle to the left of a blue square' (names only without `attributes`)."""
+    name = (lambda e: e.phrase()) if attributes else (lambda e: e.name)
+    return f"{indefinite(name(s))} {predicate} {indefinite(name(o))}"
+
+
+@FIELDS.register("graph_texts")
+def graph_texts_field(sample: Sample, caption_index: int, ctx: FieldContext) -> dict[str, Any]:
+    """The drawn caption's scene graph as texts (MSG-CLIP), padded to fixed counts so that ranks gather equal
+    shapes; works for any source with a graph, with or without boxes.
+
+    Entities (E = options["max_entities"], default 4): `entity_text` (E, L) each object with its attributes
+    ("a red circle"); `entity_key` (E,) a stable phrase id; `entity_valid` (E,); `entity_box` (E, 4) its box
+    as (x0, y0, x1, y1) in the model input's frame (`crop_box`) and `entity_has_box` (E,) (False without a box
+    or with options["use_boxes"] False, e.g. under random crops). Triples (T = options["max_triples"], default
+    4): `triple_text` (T, L) "<subject> <predicate> <object>" with attributes (names only with
+    options["triple_attributes"] False), the predicate as the source's captions say it
+    (extra["predicate_phrases"]); `triple_hard` (T, 2, L) the swapped triple (subject and object exchanged) and
+    the corrupted one (their attributes exchanged), `triple_hard_valid` (T, 2) (False where one reads like the
+    triple itself); `triple_key`, `triple_valid` (T,); `triple_args` (T, 2) subject and object entity slots."""
+    e_max, t_max = ctx.options.get("max_entities", 4), ctx.options.get("max_triples", 4)
+    attributes, use_boxes = ctx.options.get("triple_attributes", True), ctx.options.get("use_boxes", True)
+    words = sample.extra.get("predicate_phrases", {})
+    graph = caption_graph_field(sample, caption_index, ctx) or SceneGraph()
+    objects = graph.objects[:e_max]
+    boxes = [crop_box(e.box, sample.image.size) if use_boxes and e.box is not None else None for e in objects]
+    entities = [indefinite(e.phrase()) for e in objects]
+    triples, hard, hard_valid, args = [], [], [], []
+    for r in [r for r in graph.relations if r.subject < e_max and r.object < e_max][:t_max]:
+        s, o, p = objects[r.subject], objects[r.object], words.get(r.predicate, r.predicate)
+        text = relation_text(s, p, o, attributes)
+        swapped = relation_text(o, p, s, attributes)
+        corrupt = relation_text(Entity(s.name, o.attributes), p, Entity(o.name, s.attributes), attributes)
+        triples.append(text)
+        hard += [swapped, corrupt]
+        hard_valid.append([swapped != text, corrupt != text])
+        args.append([r.subject, r.object])
+    pad = lambda texts, n: texts + [""] * (n - len(texts))  # noqa: E731
+    n_e, n_t = len(entities), len(triples)
+    return {
+        "entity_text": ctx.tokenize(pad(entities, e_max)),
+        "entity_key": torch.tensor([phrase_key(t) for t in entities] + [-1] * (e_max - n_e), dtype=torch.long),
+        "entity_valid": torch.arange(e_max) < n_e,
+        "entity_box": torch.tensor([list(b) if b else [0.0] * 4 for b in boxes] + [[0.0] * 4] * (e_max - n_e)),
+        "entity_has_box": torch.tensor([b is not None for b in boxes] + [False] * (e_max - n_e)),
+        "triple_text": ctx.tokenize(pad(triples, t_max)),
+        "triple_hard": ctx.tokenize(pad(hard, 2 * t_max)).view(t_max, 2, -1),
+        "triple_hard_valid": torch.tensor(hard_valid + [[False, False]] * (t_max - n_t), dtype=torch.bool),
+        "triple_key": torch.tensor([phrase_key(t) for t in triples] + [-1] * (t_max - n_t), dtype=torch.long),
+        "triple_valid": torch.arange(t_max) < n_t,
+        "triple_args": torch.tensor(args + [[0, 0]] * (t_max - n_t), dtype=torch.long).view(t_max, 2),
+    }
 
 
 def negative_caption(sample: Sample, caption_index: int, ctx: FieldContext) -> str | None:

@@ -10,6 +10,11 @@ from dataclasses import dataclass, field, replace
 Box = tuple[float, float, float, float]  # x, y, w, h in pixels, top-left origin (Visual Genome's convention)
 
 
+def indefinite(text: str) -> str:
+    """The phrase with its indefinite article: 'a red circle', 'an orange star'."""
+    return ("an " if text[:1] in tuple("aeiou") else "a ") + text
+
+
 @dataclass(frozen=True)
 class Entity:
     """An object node: its name ("circle"), its attributes ("red", "small") and, where known, its box."""

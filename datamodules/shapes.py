@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datamodules.graph import Entity, Relation, SceneGraph
+from datamodules.graph import Entity, Relation, SceneGraph, indefinite
 from datamodules.negatives import order_negatives, swap_attributes, swap_relation
 from datamodules.source import SOURCES, SPLITS, Sample
 
@@ -32,6 +32,7 @@ PREDICATES = {
     "above": ("above", "below", 1, -1),
     "below": ("below", "above", 1, 1),
 }
+PREDICATE_PHRASES = {p: v[0] for p, v in PREDICATES.items()}
 # Full-caption templates; every one is true of the scene, in both directions of each relation.
 TEMPLATES = ("{a_s} {p} {a_o}", "there is {a_s} {p} {a_o}", "the {s} is {p} the {o}")
 SPLIT_STREAM = {name: i for i, name in enumerate(SPLITS)}  # disjoint seed streams per split
@@ -52,11 +53,6 @@ def overlap_on(axis: int, a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 
 def phrase(e: Entity) -> str:
     return e.phrase()
-
-
-def indefinite(text: str) -> str:
-    """'a red circle', 'an orange star'."""
-    return ("an " if text[0] in "aeiou" else "a ") + text
 
 
 def render_caption(graph: SceneGraph, template: int = 0, converse: bool = False) -> str:
@@ -281,6 +277,8 @@ class ShapesWorld:
             extra={
                 # each caption's own scene graph (a converse caption states the converse relation)
                 "caption_graphs": [converse(g) if conv else g for _, conv in forms],
+                # how captions say each predicate, for fields that render a relation as text
+                "predicate_phrases": PREDICATE_PHRASES,
                 # caption index -> {kind: false caption}, made only when a method asks for it
                 "negative_captions": lambda k: self.negative_captions(graph, *forms[k], seed=index * 8 + k),
             },

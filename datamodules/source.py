@@ -22,7 +22,8 @@ class Sample:
     key: str = ""  # a stable id ("shapes/test/17", a file path) for error messages and caches
     partial_captions: list[str] = field(default_factory=list)  # true captions of part of the image
     # Per-caption extras that fields read where the source has them: "caption_graphs" (list, one graph per
-    # caption) and "negative_captions" (caption index -> {kind: a caption false of the image}).
+    # caption), "negative_captions" (caption index -> {kind: a caption false of the image}) and
+    # "predicate_phrases" (predicate -> how a caption says it, e.g. "left of" -> "to the left of").
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -1,7 +1,7 @@
 """Methods: one LightningModule per method over `base.ContrastiveMethod`, chosen by name from METHODS."""
 from omegaconf import DictConfig, OmegaConf
 
-from methods import clip, negclip, structureclip  # noqa: F401  (each import registers a method)
+from methods import clip, msgclip, negclip, smartclip, structureclip  # noqa: F401  (each import registers a method)
 from methods.base import METHODS, ContrastiveMethod
 
 

@@ -134,21 +134,37 @@ class ContrastiveMethod(L.LightningModule):
         self.log("val/t2i_acc", (sims.argmax(0) == target).float().mean(), sync_dist=True, batch_size=b)
 
     # -- optimisation ------------------------------------------------------------------------------
+    def own_param_groups(self) -> dict[str, dict[str, Any]]:
+        """Named parameter groups with optimiser settings of their own (e.g. SmartCLIP's mask network at its own
+        learning rate): name -> {"params": [...], and any of "lr", "weight_decay", "warmup_steps"}; a setting left
+        out takes the run's `optim` value. Their parameters leave the shared groups. None by default."""
+        return {}
+
     def param_groups(self) -> list[dict[str, Any]]:
-        """No weight decay on gains, biases, embeddings' 1-d vectors and the logit scale (open_clip's rule)."""
+        """No weight decay on gains, biases, embeddings' 1-d vectors and the logit scale (open_clip's rule); then
+        the method's own groups (`own_param_groups`), each with its name (LearningRateMonitor logs it)."""
+        own = self.own_param_groups()
+        claimed = {id(p) for g in own.values() for p in g["params"]}
         decay, no_decay = [], []
         for name, p in self.named_parameters():
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in claimed:
                 continue
             (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
-        return [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        o = self.cfg.optim
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        for name, g in own.items():
+            groups.append({"name": name, "lr": o.lr, "weight_decay": o.weight_decay, "warmup_steps": o.warmup_steps} | g)
+        return groups
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.cfg.optim
-        fused = all(p.is_cuda for g in self.param_groups() for p in g["params"])
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+        groups = self.param_groups()
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+        warmups = [g.pop("warmup_steps", o.warmup_steps) for g in groups]  # per group; AdamW has no such key
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.schedule, o.warmup_steps, total, o.min_lr_ratio))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [lr_lambda(o.schedule, w, total, o.min_lr_ratio) for w in warmups])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

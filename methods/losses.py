@@ -68,3 +68,92 @@ def caption_margin_loss(image_features: Tensor, text_features: Tensor, negative_
     if valid is None:
         return hinge.mean()
     return (hinge * valid).sum() / valid.sum().clamp(min=1)
+
+
+# -- MSG-CLIP: entity- and triple-level alignment -------------------------------------------------------
+# Rows are this rank's entities (or triples), columns the global batch's; a row's positive is its own column
+# (rank * N + i). Rows and columns are padded to a fixed count per sample, so each has a validity flag, and
+# the sums are divided by `denominator` = (valid rows in the global batch) / (world size): the mean over
+# ranks is then the mean over every valid row of the global batch, however they are spread over ranks.
+
+def masked_infonce_sum(logits: Tensor, target: Tensor, exclude: Tensor, weight: Tensor) -> Tensor:
+    """Sum over rows of weight * CE(logits, target), with the `exclude`d columns (other true matches, padding)
+    out of the softmax; a row's target column is never excluded."""
+    keep_target = F.one_hot(target, logits.shape[1]).bool()  # (R, C)
+    logits = logits.masked_fill(exclude & ~keep_target, float("-inf"))  # (R, C)
+    return (F.cross_entropy(logits, target, reduction="none") * weight).sum()
+
+
+def entity_alignment_loss(regions: Tensor, texts: Tensor, all_regions: Tensor, all_texts: Tensor, key: Tensor,
+                          all_key: Tensor, valid: Tensor, all_valid: Tensor, scale: float, rank: int,
+                          denominator: Tensor) -> Tensor:
+    """EMA where image entities are regions (box-pooled): symmetric InfoNCE between each text entity and its
+    image entity over every entity of the global batch (the other object of the same image included). An
+    entity with the same phrase (`key`) elsewhere is a true match, so it is neither positive nor negative.
+    regions, texts (E, D) normalised; all_* (W*E, ...); valid (E,) float; key (E,) int."""
+    target = positive_columns(regions.shape[0], rank, regions.device)
+    exclude = (key[:, None] == all_key[None, :]) | (all_valid[None, :] < 0.5)  # (E, W*E)
+    i2t = scale * regions @ all_texts.T  # (E, W*E)
+    t2i = scale * texts @ all_regions.T  # (E, W*E)
+    return (masked_infonce_sum(i2t, target, exclude, valid) + masked_infonce_sum(t2i, target, exclude, valid)) \
+        / (2 * denominator)
+
+
+def pooled_entity_alignment_loss(t2i: Tensor, i2t: Tensor, owner: Tensor, all_owner: Tensor, key: Tensor,
+                                 all_key: Tensor, all_image_keys: Tensor, valid: Tensor, all_valid: Tensor,
+                                 scale: float, rank: int, denominator: Tensor) -> Tensor:
+    """EMA where no box exists: the image entity of text entity e in image j is j's patches pooled by e's own
+    attention, scored s(e, j) = cosine(t_e, r_j(e)) (`regions.text_pooled_scores`).
+
+    Text->image: each entity against every image of the global batch, its own image the positive; an image
+    holding an entity with the same phrase is left out. Image->text: each entity's image against every
+    entity of the global batch; the image's other entities and same-phrase entities are left out.
+    t2i (E, W*B): s(e, j) for this rank's entities; i2t (E, W*E): s(e', owner(e)) for every entity e';
+    owner (E,) and all_owner (W*E,) global image index of each entity; all_image_keys (W*B, K) the phrase
+    keys of each image's entities (-1 padding)."""
+    held = (all_image_keys[None, :, :] == key[:, None, None]).any(-1)  # (E, W*B): image j holds e's phrase
+    t2i_loss = masked_infonce_sum(scale * t2i, owner, held, valid)
+    target = positive_columns(i2t.shape[0], rank, i2t.device)
+    exclude = (all_owner[None, :] == owner[:, None]) | (key[:, None] == all_key[None, :]) | (all_valid[None, :] < 0.5)
+    i2t_loss = masked_infonce_sum(scale * i2t, target, exclude, valid)  # (E, W*E)
+    return (t2i_loss + i2t_loss) / (2 * denominator)
+
+
+def triple_alignment_loss(evidence: Tensor, all_triples: Tensor, hard: Tensor, hard_valid: Tensor, key: Tensor,
+                          all_key: Tensor, valid: Tensor, all_valid: Tensor, scale: float, rank: int,
+                          denominator: Tensor, batch_negatives: bool = True) -> Tensor:
+    """TRA: each triple's visual evidence (the union of its two entities' regions) must pick the triple's text
+    over its own hard negatives (the swapped triple, the attribute-swapped one) and, with `batch_negatives`,
+    over the other triples of the global batch (a same-text triple is left out).
+    evidence (T, D) normalised; all_triples (W*T, D); hard (T, H, D) with hard_valid (T, H)."""
+    target = positive_columns(evidence.shape[0], rank, evidence.device)
+    in_batch = scale * evidence @ all_triples.T  # (T, W*T)
+    own = scale * torch.einsum("td,thd->th", evidence, hard)  # (T, H)
+    exclude = (key[:, None] == all_key[None, :]) | (all_valid[None, :] < 0.5)  # (T, W*T)
+    if not batch_negatives:
+        exclude = torch.ones_like(exclude)
+    logits = torch.cat([in_batch, own], dim=1)  # (T, W*T + H)
+    return masked_infonce_sum(logits, target, torch.cat([exclude, hard_valid < 0.5], dim=1), valid) / denominator
+
+
+# -- SmartCLIP: contrast between masked image embeddings and captions --------------------------------------
+
+def masked_logits(images: Tensor, masks: Tensor, texts: Tensor, scale: float) -> Tensor:
+    """scale * cosine(image_i * mask_j, text_j) for every row i and column j, without the (R, C, D) tensor:
+    images (R, D) unnormalised, masks (C, D), texts (C, D) normalised -> (R, C).
+    (x * m) . t = x . (m * t) and |x * m|^2 = x^2 . m^2; an all-zero mask scores 0 (F.normalize's eps)."""
+    dot = images @ (masks * texts).T  # (R, D) @ (D, C) -> (R, C)
+    norm2 = images.square() @ masks.square().T  # (R, D) @ (D, C) -> (R, C)
+    return scale * dot / norm2.clamp(min=1e-24).sqrt()
+
+
+def smart_alignment_losses(images: Tensor, masks: Tensor, texts: Tensor, all_images: Tensor, all_masks: Tensor,
+                           all_texts: Tensor, scale: float, rank: int = 0) -> tuple[Tensor, Tensor]:
+    """SmartCLIP's two masked contrastive terms, as released: `sidm` (same image, each candidate caption with
+    its own mask: image i against every caption j of the global batch) and `dism` (same mask, different
+    images: caption i with its mask against every image). images (B, D) unnormalised; masks (B, D);
+    texts (B, D) normalised; all_* their global batch (W*B, D)."""
+    target = positive_columns(images.shape[0], rank, images.device)
+    sidm = masked_logits(images, all_masks, all_texts, scale)  # (B, W*B)
+    dism = masked_logits(all_images, masks, texts, scale).T  # (W*B, B) -> (B, W*B)
+    return F.cross_entropy(sidm, target), F.cross_entropy(dism, target)

@@ -1,0 +1,109 @@
+"""SmartCLIP (Xie et al., CVPR 2025): a caption aligns with the part of the image embedding it describes.
+
+A mask network reads the caption's text-token states (detached) and outputs a hard 0/1 mask over the
+image-embedding dimensions (straight-through estimator); the masked image embedding is aligned with the
+caption's embedding, so a short caption claims a few dimensions and a long one many. Loss as released
+(upstream 729c5a6): two masked contrastive terms at a fixed scale of 100, `sidm` (an image against every
+caption, each with its own mask) and `dism` (a caption's mask over every image), weighted 10, plus an L1
+sparsity penalty on the masks weighted 2; no plain CLIP term and no learned temperature (the logit scale is
+frozen). The mask network trains at its own learning rate (1e-3, no weight decay, no warmup) through the
+base module's `own_param_groups`. Captions of several granularities come from the `granular_text` field
+(partial captions and sentence prefixes). Inference uses the plain CLIP towers; the mask network is unused.
+
+Departure, stated: the release's mask width is the text width, equal to the embedding width in its models;
+where they differ a linear map to the embedding width is added (not for the default model).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
+from torch import Tensor, nn
+
+from methods.base import METHODS, ContrastiveMethod, dist_info
+from methods.losses import smart_alignment_losses
+from methods.towers import encode_text_tokens
+
+
+class MaskNetwork(nn.Module):
+    """Text-token states (B, L, W) -> mask logits (B, D): bidirectional transformer blocks, then attention
+    pooling (a linear score per position, softmax over every position, padding included), as released."""
+
+    def __init__(self, width: int, heads: int, out_dim: int, *, layers: int = 1, act_layer: type = nn.GELU,
+                 norm_layer: type = nn.LayerNorm) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, act_layer=act_layer, norm_layer=norm_layer)
+                                      for _ in range(layers)])
+        for block in self.blocks:  # the release's (CLIP's) initialisation
+            nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
+        self.score = nn.Linear(width, 1)
+        nn.init.normal_(self.score.weight, std=width ** -0.5)
+        nn.init.zeros_(self.score.bias)
+        self.proj = nn.Linear(width, out_dim) if out_dim != width else None
+
+    def forward(self, states: Tensor) -> Tensor:
+        x = self.blocks(states)  # (B, L, W)
+        pooled = (self.score(x).softmax(dim=1) * x).sum(dim=1)  # (B, L, 1) * (B, L, W) -> (B, W)
+        return self.proj(pooled) if self.proj is not None else pooled  # (B, D)
+
+
+@METHODS.register("smartclip")
+class SmartCLIP(ContrastiveMethod):
+    """CLIP whose captions align with text-chosen subsets of the image-embedding dimensions."""
+
+    @dataclass
+    class Config:
+        name: str = "smartclip"
+        align_weight: float = 10.0  # lambda_align, on each of sidm and dism
+        sparsity_weight: float = 2.0  # lambda_sparse; 0: off
+        scale: float = 100.0  # the fixed logit scale of both terms
+        soft_mask: bool = False  # the release's scripts use the hard (straight-through) mask
+        mask_layers: int = 1
+        mask_lr: float = 1.0e-3
+        mask_weight_decay: float = 0.0
+        mask_warmup_steps: int = 0
+        granularity: bool = True  # captions of random granularity (granular_text); false: the data's captions
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        text = self.model.transformer
+        block = text.resblocks[0]
+        self.mask_net = MaskNetwork(text.width, block.attn.num_heads, self.model.text_projection.shape[1],
+                                    layers=self.mcfg.mask_layers, act_layer=type(block.mlp.gelu),
+                                    norm_layer=type(block.ln_1))
+        self.model.logit_scale.requires_grad_(False)  # unused by the loss; a parameter no term reaches stalls DDP
+
+    def fields(self) -> tuple[str, ...]:
+        return ("granular_text",) if self.mcfg.granularity else ()
+
+    def own_param_groups(self) -> dict[str, dict[str, Any]]:
+        return {"mask_net": {"params": list(self.mask_net.parameters()), "lr": self.mcfg.mask_lr,
+                             "weight_decay": self.mcfg.mask_weight_decay, "warmup_steps": self.mcfg.mask_warmup_steps}}
+
+    def masks(self, states: Tensor) -> Tensor:
+        """(B, D) masks from text-token states (detached: the mask network does not train the text tower)."""
+        soft = torch.sigmoid(self.mask_net(states.detach()))  # (B, D)
+        # straight-through: the forward value is exactly 0/1 (soft - soft.detach() is exactly 0), the gradient soft's
+        return soft if self.mcfg.soft_mask else (soft >= 0.5).float() + (soft - soft.detach())
+
+    def encode(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        image = self._encode_image(batch["image"])  # (B, D) unnormalised: the mask applies before normalising
+        text, states = encode_text_tokens(self.model, batch["text"])  # every position, as the release's mask net sees
+        return {"image_raw": image, "text_features": F.normalize(text, dim=-1), "mask": self.masks(states)}
+
+    def loss_terms(self, batch: dict[str, Any], feats: dict[str, Tensor]) -> dict[str, Tensor]:
+        rank, _ = dist_info()
+        img, mask, txt = feats["image_raw"], feats["mask"], feats["text_features"]
+        sidm, dism = smart_alignment_losses(img, mask, txt, self.gather(img), self.gather(mask), self.gather(txt),
+                                            self.mcfg.scale, rank)
+        terms = {"sidm_loss": self.mcfg.align_weight * sidm, "dism_loss": self.mcfg.align_weight * dism,
+                 "mask_dims": (mask.detach() >= 0.5).float().sum(dim=1).mean()}  # logged: dimensions kept
+        if self.mcfg.sparsity_weight > 0:
+            terms["sparsity_loss"] = self.mcfg.sparsity_weight * mask.abs().mean()
+        return terms

@@ -1,0 +1,217 @@
+"""MSG-CLIP: the towers' token outputs equal open_clip's own features, the image graph's regions and pooled
+entities have the promised shapes and ranges, each loss term equals a direct computation on a hand-made
+batch (and splits over ranks), the graph-text field says what the scene graph says, no parameter is added."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datamodules.datamodule import collate
+from datamodules.fields import crop_box, phrase_key
+from methods.losses import entity_alignment_loss, pooled_entity_alignment_loss, triple_alignment_loss
+from methods.regions import patch_coverage, pool, text_attention, text_pooled_scores, union
+from methods.towers import encode_image_tokens, encode_text_tokens
+from methods.train import build
+
+
+def unit(*shape: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=-1)
+
+
+def ce(logits: list[float], target: int) -> float:
+    """-log softmax(logits)[target], written out."""
+    return -(logits[target] - math.log(sum(math.exp(v) for v in logits)))
+
+
+@pytest.fixture(scope="module")
+def msg(tmp_path_factory):
+    from methods.train import compose_train
+    from tests_support import TINY_ARGS
+
+    cfg = compose_train([f"runs_dir={tmp_path_factory.mktemp('runs')}", *TINY_ARGS, "method=msgclip"])
+    module, dm = build(cfg)
+    random.seed(0)
+    ds = dm.dataset("train")
+    return module, ds, collate([ds[i] for i in range(8)])
+
+
+def test_token_outputs_equal_open_clips_features(msg):
+    module, _, batch = msg
+    model = module.model.eval()
+    with torch.no_grad():
+        pooled, patches = encode_image_tokens(model.visual, batch["image"])
+        torch.testing.assert_close(pooled, model.encode_image(batch["image"]))
+        assert patches.shape == (8, 16, pooled.shape[1])  # 32 px, patch 8: a 4 x 4 grid
+        full, states = encode_text_tokens(model, batch["text"])
+        trimmed, short = encode_text_tokens(model, batch["text"], trim=True)
+        torch.testing.assert_close(full, model.encode_text(batch["text"]))
+        torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-6)  # causal: the padding changes nothing
+        assert states.shape[1] == batch["text"].shape[1] > short.shape[1]
+    model.train()
+
+
+def test_patch_coverage_by_hand():
+    boxes = torch.tensor([[0.0, 0.0, 0.25, 0.25],  # exactly patch (0, 0) of a 4 x 4 grid
+                          [0.125, 0.5, 0.375, 0.75],  # half of patch (2, 0) and half of (2, 1)
+                          [0.0, 0.0, 1.0, 1.0]])
+    cover = patch_coverage(boxes, (4, 4))
+    assert cover.shape == (3, 16) and cover.min() >= 0 and cover.max() <= 1
+    assert torch.equal(cover[0], F.one_hot(torch.tensor(0), 16).float())
+    expected = torch.zeros(16)
+    expected[8], expected[9] = 0.5, 0.5
+    torch.testing.assert_close(cover[1], expected)
+    assert torch.equal(cover[2], torch.ones(16))
+
+
+def test_pooled_entities_shapes_and_ranges():
+    patches = torch.randn(2, 16, 6, dtype=torch.float64)
+    queries = unit(2, 3, 6, seed=1)
+    att = text_attention(queries, patches, 0.07)
+    assert att.shape == (2, 3, 16) and (att >= 0).all()
+    torch.testing.assert_close(att.sum(-1), torch.ones(2, 3, dtype=torch.float64))
+    weights = torch.cat([att[:, :2], torch.zeros(2, 1, 16, dtype=torch.float64)], dim=1)  # third entity: padding
+    nodes = pool(weights, patches)
+    assert nodes.shape == (2, 3, 6)
+    torch.testing.assert_close(nodes[:, :2].norm(dim=-1), torch.ones(2, 2, dtype=torch.float64))
+    assert torch.equal(nodes[:, 2], torch.zeros(2, 6, dtype=torch.float64))
+    # a relation's evidence: the elementwise max of its subject's and object's weights
+    pairs = torch.tensor([[[0, 1]], [[1, 0]]])
+    torch.testing.assert_close(union(att, pairs)[:, 0], torch.maximum(att[:, 0], att[:, 1]))
+
+
+def test_text_pooled_scores_equal_pooling_each_pair():
+    patches = torch.randn(3, 5, 4, dtype=torch.float64)
+    texts = unit(2, 4, seed=2)
+    got = text_pooled_scores(texts, patches, 0.5)
+    for n in range(2):
+        for b in range(3):
+            a = (texts[n] @ F.normalize(patches[b], dim=-1).T / 0.5).softmax(-1)  # (P,)
+            assert math.isclose(got[n, b].item(), float(texts[n] @ F.normalize(a @ patches[b], dim=0)), rel_tol=1e-9)
+
+
+def test_entity_loss_by_hand_and_over_ranks():
+    regions, texts = unit(6, 5, seed=3), unit(6, 5, seed=4)
+    key = torch.tensor([1, 2, 3, 1, 5, 6])  # entities 0 and 3 share a phrase
+    valid = torch.tensor([1.0, 1, 1, 1, 1, 0])  # entity 5 is padding
+    s = 10.0
+    total = 0.0
+    for i in range(5):
+        keep = [j for j in range(6) if j == i or (key[j] != key[i] and valid[j] > 0)]
+        total += ce([s * float(regions[i] @ texts[j]) for j in keep], keep.index(i))
+        total += ce([s * float(texts[i] @ regions[j]) for j in keep], keep.index(i))
+    expected = total / (2 * 5)
+    got = entity_alignment_loss(regions, texts, regions, texts, key, key, valid, valid, s, 0, torch.tensor(5.0))
+    assert math.isclose(got.item(), expected, rel_tol=1e-9)
+    # two ranks of 3 rows with unequal valid counts (3 and 2): the mean over ranks is still the global mean
+    ranks = [entity_alignment_loss(regions[r * 3:(r + 1) * 3], texts[r * 3:(r + 1) * 3], regions, texts,
+                                   key[r * 3:(r + 1) * 3], key, valid[r * 3:(r + 1) * 3], valid, s, r,
+                                   torch.tensor(5.0 / 2)) for r in range(2)]
+    assert math.isclose(sum(ranks).item() / 2, expected, rel_tol=1e-9)
+
+
+def test_pooled_entity_loss_by_hand():
+    # 2 images with 2 entity slots each; image 1's second slot is padding; entities 0 and 2 share a phrase
+    t2i = torch.tensor([[0.9, 0.1], [0.5, 0.2], [0.3, 0.8], [0.0, 0.0]], dtype=torch.float64)  # s(e, image)
+    i2t = torch.tensor([[0.9, 0.5, 0.4, 0.1], [0.7, 0.5, 0.1, 0.0], [0.6, 0.2, 0.8, 0.3],
+                        [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)  # row e: s(e', owner(e)) for every e'
+    owner, key = torch.tensor([0, 0, 1, 1]), torch.tensor([7, 8, 7, -1])
+    valid = torch.tensor([1.0, 1, 1, 0])
+    s = 5.0
+    got = pooled_entity_alignment_loss(t2i, i2t, owner, owner, key, key, key.view(2, 2), valid, valid, s, 0,
+                                       torch.tensor(3.0))
+    # by hand: entity 0 ("7") is in both images, so only its own image stays (CE 0); entity 1 against both images;
+    # entity 2 ("7") likewise alone. Image->text: own image's other entity and same-phrase ones leave.
+    t2i_sum = 0.0 + ce([s * 0.5, s * 0.2], 0) + 0.0
+    i2t_sum = ce([s * 0.9], 0) + ce([s * 0.5, s * 0.1], 0) + ce([s * 0.2, s * 0.8], 1)
+    assert math.isclose(got.item(), (t2i_sum + i2t_sum) / 6, rel_tol=1e-9)
+
+
+def test_triple_loss_by_hand():
+    evidence, triples, hard = unit(3, 4, seed=5), unit(3, 4, seed=6), unit(3, 2, 4, seed=7)
+    hard_valid = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    key, valid = torch.tensor([4, 4, 9]), torch.tensor([1.0, 1.0, 1.0])
+    s = 3.0
+    total = 0.0
+    for i in range(3):
+        cols = [j for j in range(3) if j == i or key[j] != key[i]]
+        logits = [s * float(evidence[i] @ triples[j]) for j in cols]
+        logits += [s * float(evidence[i] @ hard[i, h]) for h in range(2) if hard_valid[i, h] > 0]
+        total += ce(logits, cols.index(i))
+    got = triple_alignment_loss(evidence, triples, hard, hard_valid, key, key, valid, valid, s, 0, torch.tensor(3.0))
+    assert math.isclose(got.item(), total / 3, rel_tol=1e-9)
+    alone = triple_alignment_loss(evidence, triples, hard, hard_valid, key, key, valid, valid, s, 0,
+                                  torch.tensor(3.0), batch_negatives=False)
+    by_hand = sum(ce([s * float(evidence[i] @ triples[i])] + [s * float(evidence[i] @ hard[i, h]) for h in range(2)
+                     if hard_valid[i, h] > 0], 0) for i in range(3))
+    assert math.isclose(alone.item(), by_hand / 3, rel_tol=1e-9)
+
+
+def test_graph_texts_field_says_what_the_graph_says(msg):
+    module, ds, batch = msg
+    decode = lambda ids: module.tokenizer.decode([t for t in ids.tolist() if t]).replace("<start_of_text>", "") \
+        .replace("<end_of_text>", "").strip()  # noqa: E731
+    random.seed(3)
+    item, sample = ds[0], ds.source[0]
+    k = sample.captions.index(item["caption"])
+    g = sample.extra["caption_graphs"][k]
+    a, b = g.objects
+    article = lambda t: ("an " if t[0] in "aeiou" else "a ") + t  # noqa: E731
+    assert [decode(item["entity_text"][i]) for i in range(2)] == [article(a.phrase()), article(b.phrase())]
+    assert item["entity_valid"].tolist() == [True, True, False, False]
+    assert item["entity_key"][0] == phrase_key(article(a.phrase())) and item["entity_key"][2] == -1
+    torch.testing.assert_close(item["entity_box"][0], torch.tensor([a.box[0], a.box[1], a.box[0] + a.box[2],
+                                                                      a.box[1] + a.box[3]]) / 32)
+    (r,) = g.relations
+    words = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+    s, o = g.objects[r.subject], g.objects[r.object]
+    assert decode(item["triple_text"][0]) == f"{article(s.phrase())} {words[r.predicate]} {article(o.phrase())}"
+    assert decode(item["triple_hard"][0, 0]) == f"{article(o.phrase())} {words[r.predicate]} {article(s.phrase())}"
+    swapped_attrs = f"{article(' '.join(o.attributes + (s.name,)))} {words[r.predicate]} " \
+                    f"{article(' '.join(s.attributes + (o.name,)))}"
+    assert decode(item["triple_hard"][0, 1]) == swapped_attrs
+    assert item["triple_args"][0].tolist() == [r.subject, r.object] and item["triple_hard_valid"][0].all()
+    assert not item["triple_valid"][1:].any()
+    # the crop frame: a 200 x 100 image is cut to its centre 100 x 100
+    assert crop_box((50.0, 0.0, 100.0, 50.0), (200, 100)) == (0.0, 0.0, 1.0, 0.5)
+    assert crop_box((0.0, 0.0, 40.0, 40.0), (200, 100)) is None
+
+
+def test_no_parameter_is_added_and_zero_weights_are_vanilla_clip(make_cfg):
+    clip, _ = build(make_cfg("method=clip"))
+    torch.manual_seed(0)
+    msg, dm = build(make_cfg("method=msgclip"))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(msg) == count(clip) and len(list(msg.parameters())) == len(list(clip.parameters()))
+    torch.manual_seed(0)
+    base, dm = build(make_cfg("method=msgclip", "method.entity_weight=0", "method.triple_weight=0"))
+    assert base.fields() == ()
+    random.seed(0)
+    batch = collate([dm.dataset("train")[i] for i in range(8)])
+    loss, terms = base.training_loss(batch)
+    assert set(terms) == {"contrastive_loss"}
+    torch.manual_seed(0)
+    clip, _ = build(make_cfg("method=clip"))
+    torch.testing.assert_close(loss, clip.training_loss(batch)[0])
+
+
+@pytest.mark.parametrize("argv", [["method.pooling=text"], ["method.triple_attributes=false", "method.hard_negatives=[swapped]"]])
+def test_variants_take_a_finite_step(make_cfg, argv):
+    module, dm = build(make_cfg("method=msgclip", *argv))
+    random.seed(0)
+    batch = collate([dm.dataset("train")[i] for i in range(8)])
+    assert batch["entity_has_box"].any() == (argv[0] != "method.pooling=text")
+    loss, terms = module.training_loss(batch)
+    assert torch.isfinite(loss) and {"entity_loss", "triple_loss"} <= set(terms)
+    loss.backward()
+    assert module.model.visual.conv1.weight.grad.abs().sum() > 0
+
+
+def test_bad_options_are_named(make_cfg):
+    with pytest.raises(ValueError, match="unknown pooling 'boxes'; available: auto, text"):
+        build(make_cfg("method=msgclip", "method.pooling=boxes"))
+    with pytest.raises(ValueError, match="unknown hard negatives.*available: swapped, corrupted"):
+        build(make_cfg("method=msgclip", "method.hard_negatives=[reversed]"))
