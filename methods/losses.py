@@ -138,7 +138,7 @@ def triple_alignment_loss(evidence: Tensor, all_triples: Tensor, hard: Tensor, h
 
 # -- SmartCLIP: contrast between masked image embeddings and captions --------------------------------------
 
-def masked_logits(images: Tensor, masks: Tensor, texts: Tensor, scale: float) -> Tensor:
+def masked_logits(images: Tensor, masks: Tensor, texts: Tensor, scale: float | Tensor) -> Tensor:
     """scale * cosine(image_i * mask_j, text_j) for every row i and column j, without the (R, C, D) tensor:
     images (R, D) unnormalised, masks (C, D), texts (C, D) normalised -> (R, C).
     (x * m) . t = x . (m * t) and |x * m|^2 = x^2 . m^2; an all-zero mask scores 0 (F.normalize's eps)."""
@@ -148,7 +148,7 @@ def masked_logits(images: Tensor, masks: Tensor, texts: Tensor, scale: float) ->
 
 
 def smart_alignment_losses(images: Tensor, masks: Tensor, texts: Tensor, all_images: Tensor, all_masks: Tensor,
-                           all_texts: Tensor, scale: float, rank: int = 0) -> tuple[Tensor, Tensor]:
+                           all_texts: Tensor, scale: float | Tensor, rank: int = 0) -> tuple[Tensor, Tensor]:
     """SmartCLIP's two masked contrastive terms, as released: `sidm` (same image, each candidate caption with
     its own mask: image i against every caption j of the global batch) and `dism` (same mask, different
     images: caption i with its mask against every image). images (B, D) unnormalised; masks (B, D);

@@ -62,7 +62,7 @@ class SmartCLIP(ContrastiveMethod):
         name: str = "smartclip"
         align_weight: float = 10.0  # lambda_align, on each of sidm and dism
         sparsity_weight: float = 2.0  # lambda_sparse; 0: off
-        scale: float = 100.0  # the fixed logit scale of both terms
+        scale: float = 100.0  # the fixed logit scale of both terms; 0: CLIP's learned scale instead
         soft_mask: bool = False  # the release's scripts use the hard (straight-through) mask
         mask_layers: int = 1
         mask_lr: float = 1.0e-3
@@ -77,7 +77,8 @@ class SmartCLIP(ContrastiveMethod):
         self.mask_net = MaskNetwork(text.width, block.attn.num_heads, self.model.text_projection.shape[1],
                                     layers=self.mcfg.mask_layers, act_layer=type(block.mlp.gelu),
                                     norm_layer=type(block.ln_1))
-        self.model.logit_scale.requires_grad_(False)  # unused by the loss; a parameter no term reaches stalls DDP
+        # with a fixed scale the learned one is unused, and a parameter no term reaches stalls DDP
+        self.model.logit_scale.requires_grad_(self.mcfg.scale <= 0)
 
     def fields(self) -> tuple[str, ...]:
         return ("granular_text",) if self.mcfg.granularity else ()
@@ -100,8 +101,9 @@ class SmartCLIP(ContrastiveMethod):
     def loss_terms(self, batch: dict[str, Any], feats: dict[str, Tensor]) -> dict[str, Tensor]:
         rank, _ = dist_info()
         img, mask, txt = feats["image_raw"], feats["mask"], feats["text_features"]
+        scale = self.mcfg.scale if self.mcfg.scale > 0 else self.model.logit_scale.exp()
         sidm, dism = smart_alignment_losses(img, mask, txt, self.gather(img), self.gather(mask), self.gather(txt),
-                                            self.mcfg.scale, rank)
+                                            scale, rank)
         terms = {"sidm_loss": self.mcfg.align_weight * sidm, "dism_loss": self.mcfg.align_weight * dism,
                  "mask_dims": (mask.detach() >= 0.5).float().sum(dim=1).mean()}  # logged: dimensions kept
         if self.mcfg.sparsity_weight > 0:
