@@ -69,21 +69,26 @@ class SmartCLIP(ContrastiveMethod):
         mask_weight_decay: float = 0.0
         mask_warmup_steps: int = 0
         granularity: bool = True  # captions of random granularity (granular_text); false: the data's captions
+        masked: bool = True  # false: no mask network, plain InfoNCE on the same captions (the mask's ablation)
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg)
-        text = self.model.transformer
-        block = text.resblocks[0]
-        self.mask_net = MaskNetwork(text.width, block.attn.num_heads, self.model.text_projection.shape[1],
-                                    layers=self.mcfg.mask_layers, act_layer=type(block.mlp.gelu),
-                                    norm_layer=type(block.ln_1))
+        self.mask_net = None
+        if self.mcfg.masked:
+            text = self.model.transformer
+            block = text.resblocks[0]
+            self.mask_net = MaskNetwork(text.width, block.attn.num_heads, self.model.text_projection.shape[1],
+                                        layers=self.mcfg.mask_layers, act_layer=type(block.mlp.gelu),
+                                        norm_layer=type(block.ln_1))
         # with a fixed scale the learned one is unused, and a parameter no term reaches stalls DDP
-        self.model.logit_scale.requires_grad_(self.mcfg.scale <= 0)
+        self.model.logit_scale.requires_grad_(self.mcfg.scale <= 0 or not self.mcfg.masked)
 
     def fields(self) -> tuple[str, ...]:
         return ("granular_text",) if self.mcfg.granularity else ()
 
     def own_param_groups(self) -> dict[str, dict[str, Any]]:
+        if self.mask_net is None:
+            return {}
         return {"mask_net": {"params": list(self.mask_net.parameters()), "lr": self.mcfg.mask_lr,
                              "weight_decay": self.mcfg.mask_weight_decay, "warmup_steps": self.mcfg.mask_warmup_steps}}
 
@@ -94,11 +99,15 @@ class SmartCLIP(ContrastiveMethod):
         return soft if self.mcfg.soft_mask else (soft >= 0.5).float() + (soft - soft.detach())
 
     def encode(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        if self.mask_net is None:
+            return self.encode_pairs(batch)
         image = self._encode_image(batch["image"])  # (B, D) unnormalised: the mask applies before normalising
         text, states = encode_text_tokens(self.model, batch["text"])  # every position, as the release's mask net sees
         return {"image_raw": image, "text_features": F.normalize(text, dim=-1), "mask": self.masks(states)}
 
     def loss_terms(self, batch: dict[str, Any], feats: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.mask_net is None:
+            return super().loss_terms(batch, feats)  # InfoNCE with the learned scale
         rank, _ = dist_info()
         img, mask, txt = feats["image_raw"], feats["mask"], feats["text_features"]
         scale = self.mcfg.scale if self.mcfg.scale > 0 else self.model.logit_scale.exp()

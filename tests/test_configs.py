@@ -33,6 +33,19 @@ def test_every_bench_file_composes():
         assert cfg.bench.name == name and cfg.bench.benchmarks
 
 
+def test_every_sweep_file_composes():
+    from benchmarks.sweep import cells, load_spec
+
+    files = sorted((ROOT / "configs" / "sweep").glob("*.yaml"))
+    assert files
+    for path in files:
+        spec = load_spec(path, [])
+        assert path.stem == spec.name, f"{path.name}: the sweep's name is '{spec.name}'"
+        for _, point, overrides in cells(spec):
+            if point["seed"] == spec.seeds[0]:  # a seed never makes a config invalid
+                compose_train(overrides)
+
+
 def test_unknown_method_lists_the_available_ones(capsys):
     assert main(["method=nosuch"]) == 2
     err = capsys.readouterr().err

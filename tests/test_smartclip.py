@@ -72,6 +72,9 @@ def test_loss_terms_and_frozen_scale(make_cfg):
     assert not module.model.logit_scale.requires_grad
     off, _, _ = smart(make_cfg, "method.sparsity_weight=0")
     assert "sparsity_loss" not in off.loss_terms(batch, off.encode(batch))
+    plain, _, _ = smart(make_cfg, "method.masked=false")  # the captions without the mask: CLIP's InfoNCE
+    assert plain.mask_net is None and plain.own_param_groups() == {} and plain.model.logit_scale.requires_grad
+    assert set(plain.loss_terms(batch, plain.encode(batch))) == {"contrastive_loss"}
 
 
 def test_mask_network_has_its_own_optimiser_group(make_cfg):
