@@ -33,7 +33,8 @@ from configs.files import write_atomic
 from configs.registry import Registry
 from datamodules.parse_rules import RULES_VERSION, ParsedCaption, graph_from_sentence
 
-__all__ = ["BACKENDS", "CaptionNotParsed", "CaptionParser", "ParsedCaption", "ParserConfig", "ParserModelMissing", "graph_from_sentence"]
+__all__ = ["BACKENDS", "CaptionNotParsed", "CaptionParser", "ParsedCaption", "ParserConfig", "ParserModelMissing",
+           "graph_from_sentence"]
 PROCESSORS = "tokenize,pos,lemma,depparse"
 SHARD_SIZE = 10_000  # captions per cache shard: an interrupted run loses at most this many parses
 
@@ -75,7 +76,8 @@ BACKENDS: Registry[Callable[[ParserConfig], Backend]] = Registry("caption parser
 
 def model_dir(cfg: ParserConfig) -> Path:
     """The Stanza resources directory: the config's, else $STANZA_RESOURCES_DIR, else ~/stanza_resources."""
-    return Path(cfg.model_dir or os.environ.get("STANZA_RESOURCES_DIR") or Path.home() / "stanza_resources").expanduser()
+    default = os.environ.get("STANZA_RESOURCES_DIR") or Path.home() / "stanza_resources"
+    return Path(cfg.model_dir or default).expanduser()
 
 
 def download_command(directory: Path) -> str:
@@ -86,7 +88,8 @@ def _missing(directory: Path, what: str) -> ParserModelMissing:
     return ParserModelMissing(
         f"Stanza English model not found: {directory} {what}. Download it once (about 0.5 GB) with\n"
         f"  {download_command(directory)}\n"
-        f"or set ParserConfig.model_dir (or $STANZA_RESOURCES_DIR) to a directory that has it; nothing is downloaded here."
+        f"or set ParserConfig.model_dir (or $STANZA_RESOURCES_DIR) to a directory that has it; "
+        f"nothing is downloaded here."
     )
 
 
@@ -179,7 +182,7 @@ class ConlluFiles:
                     raise ValueError(f"{p}: not valid CoNLL-U: {e.__cause__ or e}") from None
                 for k, s in enumerate(doc.sentences, start=1):
                     if not s.text:
-                        raise ValueError(f"{p}: sentence {k} has no '# text = ' comment, so no caption can be matched to it")
+                        raise ValueError(f"{p}: sentence {k} has no '# text = ' comment, so no caption matches it")
                     self._sentences.setdefault(s.text, (s, f"{p}: sentence {k}"))
         return self._sentences
 
@@ -210,7 +213,8 @@ class ParseCache:
                         continue
                     index.setdefault(rec["key"], (rec["parse"], f"{shard}:{n}"))
                 if bad:
-                    warnings.warn(f"{shard}: {len(bad)} corrupt parse-cache line(s) ignored, parsed again (first: {bad[0]})", CacheWarning, stacklevel=3)
+                    warnings.warn(f"{shard}: {len(bad)} corrupt parse-cache line(s) ignored, parsed again "
+                                  f"(first: {bad[0]})", CacheWarning, stacklevel=3)
             self._index[version] = index
         return self._index[version]
 
@@ -221,7 +225,8 @@ class ParseCache:
         try:
             parsed = ParsedCaption.from_dict(found[0])
         except ValueError as e:
-            warnings.warn(f"{found[1]}: corrupt parse-cache record ignored, parsed again ({e})", CacheWarning, stacklevel=3)
+            warnings.warn(f"{found[1]}: corrupt parse-cache record ignored, parsed again ({e})", CacheWarning,
+                          stacklevel=3)
             return None
         return parsed if parsed.text == text else None
 
@@ -233,7 +238,8 @@ class ParseCache:
             folder = self.root / version
             folder.mkdir(parents=True, exist_ok=True)
             shard = folder / f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
-            lines = [json.dumps({"key": self.key(p.text, version), "parse": p.to_dict()}, ensure_ascii=False) for p in chunk]
+            lines = [json.dumps({"key": self.key(p.text, version), "parse": p.to_dict()}, ensure_ascii=False)
+                     for p in chunk]
             write_atomic(shard, "\n".join(lines) + "\n")
             for n, (p, line) in enumerate(zip(chunk, lines), start=1):
                 index.setdefault(self.key(p.text, version), (json.loads(line)["parse"], f"{shard}:{n}"))
@@ -311,16 +317,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--show", type=int, default=0, help="print the graphs of the first N captions")
     args = ap.parse_args(argv)
     texts = [line.strip() for line in Path(args.captions).read_text(encoding="utf-8").splitlines() if line.strip()]
-    parser = CaptionParser(ParserConfig(backend=args.backend, model_dir=args.model_dir, conllu=list(args.conllu),
-                                        use_gpu=False if args.cpu else None, batch_size=args.batch_size, cache_dir=args.cache_dir))
+    parser = CaptionParser(ParserConfig(
+        backend=args.backend, model_dir=args.model_dir, conllu=list(args.conllu), use_gpu=False if args.cpu else None,
+        batch_size=args.batch_size, cache_dir=args.cache_dir))
     start = time.perf_counter()
     parsed = parser.parse(texts)
     seconds = time.perf_counter() - start
     for p in parsed[: args.show]:
-        print(f"{p.text}\n  objects: {[o.phrase() for o in p.graph.objects]}\n  relations: {p.graph.relation_triples()}")
+        print(f"{p.text}\n  objects: {[o.phrase() for o in p.graph.objects]}"
+              f"\n  relations: {p.graph.relation_triples()}")
     c = parser.counts
-    print(f"{len(texts)} captions ({len(set(texts))} distinct: {c['cached']} from the cache, {c['conllu']} from CoNLL-U, "
-          f"{c['parsed']} parsed by {args.backend}) in {seconds:.2f} s: {len(texts) / max(seconds, 1e-9):,.0f} captions/s")
+    print(f"{len(texts)} captions ({len(set(texts))} distinct: {c['cached']} from the cache, {c['conllu']} from "
+          f"CoNLL-U, {c['parsed']} parsed by {args.backend}) in {seconds:.2f} s: "
+          f"{len(texts) / max(seconds, 1e-9):,.0f} captions/s")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ Relations (subject, predicate, object); a verb is named by its lemma plus its pa
      ("next" + obl "to"), and a noun from PREP_NOUNS with "of" ("in front of", "on top of", "to the left of"):
                                             "a man standing in front of a bus" -> (man, stand in front of, bus)
   R9 conjunctions: relations are copied to every conjunct of a subject or object; a later conjunct takes the
-     first one's role:                      "a man and a woman riding horses" -> (man, ride, horse), (woman, ride, horse)
+     first one's role:       "a man and a woman riding horses" -> (man, ride, horse), (woman, ride, horse)
      a modifier after the last conjunct is shared: "a dog and a cat on a bed" -> (dog, on, bed), (cat, on, bed)
   R10 a verb without a subject takes its head verb's (conj, xcomp, advcl):
                                             "a man sitting on a bench reading a book" -> (man, read, book)
@@ -44,7 +44,8 @@ from datamodules.graph import Entity, Relation, SceneGraph
 RULES_VERSION = "1"  # bump whenever a rule changes: it is part of every cache key
 NOUNS = ("NOUN", "PROPN")
 VERBS = ("VERB", "AUX")
-PREP_NOUNS = frozenset({"front", "top", "left", "right", "side", "middle", "back", "bottom", "edge", "center", "centre", "rear"})
+PREP_NOUNS = frozenset({"front", "top", "left", "right", "side", "middle", "back", "bottom", "edge", "center", "centre",
+                        "rear"})  # "in front of", "on top of", "to the left of", "on the side of", ...
 RELATIVE_PRONOUNS = frozenset({"who", "whom", "which", "that"})
 
 
@@ -66,7 +67,8 @@ class ParsedCaption:
         if len(self.xpos) != n or len(self.spans) != n:
             raise ValueError(f"{self.text!r}: {n} words but {len(self.xpos)} tags and {len(self.spans)} spans")
         if len(self.object_words) != k or len(self.attribute_words) != k:
-            raise ValueError(f"{self.text!r}: {k} objects but {len(self.object_words)} names and {len(self.attribute_words)} attribute lists")
+            raise ValueError(f"{self.text!r}: {k} objects but {len(self.object_words)} names and "
+                             f"{len(self.attribute_words)} attribute lists")
         for o, ws, aw in zip(self.graph.objects, self.object_words, self.attribute_words):
             if not ws or len(aw) != len(o.attributes) or not all(0 <= i < n for i in (*ws, *aw)):
                 raise ValueError(f"{self.text!r}: object {o.name!r} points at words outside the caption")
@@ -76,7 +78,8 @@ class ParsedCaption:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able containers (the cache's record)."""
         return {
-            "text": self.text, "words": list(self.words), "xpos": list(self.xpos), "spans": [list(s) for s in self.spans],
+            "text": self.text, "words": list(self.words), "xpos": list(self.xpos),
+            "spans": [list(s) for s in self.spans],
             "objects": [{"name": o.name, "attributes": list(o.attributes), "words": list(w), "attribute_words": list(a)}
                         for o, w, a in zip(self.graph.objects, self.object_words, self.attribute_words)],
             "relations": [[r.subject, r.predicate, r.object] for r in self.graph.relations],
@@ -115,6 +118,11 @@ class _Tree:
         self.w = words
         self.kids: list[list[int]] = [[] for _ in words]
         for i, w in enumerate(words):
+            k, steps = i, 0
+            while k >= 0:  # every word reaches a root: heads in range, no cycle (a parse from any UD parser)
+                if k >= len(words) or steps > len(words):
+                    raise ValueError(f"word {i + 1} {w.text!r}: its heads do not lead to a root (not a tree)")
+                k, steps = words[k].head, steps + 1
             if w.head >= 0:
                 self.kids[w.head].append(i)
 
@@ -164,14 +172,16 @@ class _Tree:
         return " ".join(self.w[k].text.lower() for k in words) + " of"
 
     def is_object(self, i: int) -> bool:
-        return self.w[i].upos in NOUNS and self.base(i) not in ("compound", "flat", "fixed") and self.prep_noun(i) is None
+        w = self.w[i]
+        return w.upos in NOUNS and self.base(i) not in ("compound", "flat", "fixed") and self.prep_noun(i) is None
 
     def resolve(self, i: int) -> int | None:
         """The object word that word i stands for: itself, or a relative pronoun's antecedent (R6)."""
         if self.is_object(i):
             return i
         w, h = self.w[i], self.head(i)
-        if w.upos == "PRON" and w.lemma.lower() in RELATIVE_PRONOUNS and h is not None and self.w[h].deprel == "acl:relcl":
+        relative = w.upos == "PRON" and w.lemma.lower() in RELATIVE_PRONOUNS
+        if relative and h is not None and self.w[h].deprel == "acl:relcl":
             return self.resolve(self.w[h].head)
         return None
 
@@ -259,7 +269,9 @@ def _attributes(t: _Tree) -> dict[int, list[int]]:
     out: dict[int, set[int]] = {i: set() for i in range(len(t.w)) if t.is_object(i)}
 
     def adjectives(a: int) -> list[int]:
-        return [k for k in t.conjuncts(a) if not t.carries_relation(k) and (k == a or not t.children(k, "nsubj", "cop"))]
+        """a and the adjectives coordinated with it that have no predicate of their own."""
+        return [k for k in t.conjuncts(a)
+                if not t.carries_relation(k) and (k == a or not t.children(k, "nsubj", "cop"))]
 
     for n in out:
         for a in t.children(n, "amod"):
@@ -280,7 +292,8 @@ def _words(sentence: Any) -> tuple[list[_Word], list[Any]]:
         for w in s.words:
             if w.head is None or w.deprel is None:
                 raise ValueError(f"{s.text!r}: word {w.id} {w.text!r} has no head or deprel (is the depparse missing?)")
-            words.append(_Word(w.text, w.lemma or w.text, w.upos or "X", w.xpos or "_", w.deprel, w.head - 1 + offset if w.head else -1))
+            head = w.head - 1 + offset if w.head else -1
+            words.append(_Word(w.text, w.lemma or w.text, w.upos or "X", w.xpos or "_", w.deprel, head))
         tokens += s.tokens
         offset += len(s.words)
     return words, tokens
@@ -303,7 +316,10 @@ def graph_from_sentence(sentence: Any, text: str | None = None) -> ParsedCaption
     with the word positions negatives need. `text` defaults to the sentence's (a CoNLL-U `# text =`)."""
     words, tokens = _words(sentence)
     text = text if text is not None else (getattr(sentence, "text", None) or " ".join(t.text for t in tokens))
-    t = _Tree(words)
+    try:
+        t = _Tree(words)
+    except ValueError as e:
+        raise ValueError(f"caption {text!r}: {e}") from None
     objects = [i for i in range(len(words)) if t.is_object(i)]
     index = {w: k for k, w in enumerate(objects)}
     attrs = _attributes(t)

@@ -61,6 +61,30 @@ def test_fixtures_cover_every_rule():
     assert documented <= covered, f"rules without a fixture: {sorted(documented - covered)}"
 
 
+UPOS = set("ADJ ADP ADV AUX CCONJ DET INTJ NOUN NUM PART PRON PROPN PUNCT SCONJ SYM VERB X".split())
+DEPRELS = set("acl advcl advmod amod appos aux case cc ccomp clf compound conj cop csubj dep det discourse "
+              "dislocated expl fixed flat goeswith iobj list mark nmod nsubj nummod obj obl orphan parataxis punct "
+              "reparandum root vocative xcomp".split())
+PENN = set("CC CD DT EX FW IN JJ JJR JJS LS MD NN NNS NNP NNPS PDT POS PRP PRP$ RB RBR RBS RP SYM TO UH VB VBD VBG VBN "
+           "VBP VBZ WDT WP WP$ WRB . , : `` '' -LRB- -RRB- HYPH NFP ADD AFX GW XX $".split())
+
+
+def test_fixtures_are_valid_ud_trees(sentences):
+    """One root, heads inside the sentence, no cycles, UD's tags and relations, Penn tags."""
+    assert len(sentences) == len(CASES)
+    for s in sentences.values():
+        heads = {w.id: w.head for w in s.words}
+        assert [w.id for w in s.words if w.head == 0] == [w.id for w in s.words if w.deprel == "root"], s.text
+        assert sum(h == 0 for h in heads.values()) == 1, s.text
+        for w in s.words:
+            assert w.upos in UPOS and w.xpos in PENN and w.deprel.split(":")[0] in DEPRELS, (s.text, w.text)
+            seen, k = set(), w.id
+            while k != 0:  # walking up the heads reaches the root without a cycle
+                assert k in heads and k not in seen, (s.text, w.text)
+                seen.add(k)
+                k = heads[k]
+
+
 def test_spans_of_a_multiword_token_and_a_document(sentences):
     p = graph_from_sentence(sentences["A dog cannot catch the ball."])
     assert p.words[2:4] == ("can", "not") and p.spans[2] == p.spans[3] == (6, 12)
@@ -72,6 +96,10 @@ def test_spans_of_a_multiword_token_and_a_document(sentences):
     assert render(both) == ("car[red]; dog; cat; bed", "dog|on|bed; cat|on|bed")
     with pytest.raises(ValueError, match="token 'car' is not where"):
         graph_from_sentence(a, text="The bus is red.")
+    cycle = Document([[{"id": 1, "text": "Dogs", "head": 2, "deprel": "nsubj"},
+                       {"id": 2, "text": "run", "head": 1, "deprel": "conj"}]], text="Dogs run")
+    with pytest.raises(ValueError, match="not a tree"):
+        graph_from_sentence(cycle)
 
 
 def test_record_round_trip_and_bad_records(sentences):
