@@ -50,6 +50,12 @@ class ParserConfig:
     batch_size: int = 256  # captions per call to the backend
     cache_dir: str = ".cache/parses"
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"ParserConfig.batch_size must be at least 1, got {self.batch_size}")
+        if isinstance(self.conllu, str):  # one file given as a string, not a list
+            self.conllu = [self.conllu]
+
 
 class ParserModelMissing(FileNotFoundError):
     """The Stanza model directory (or its resources.json, or its English models) is not there."""

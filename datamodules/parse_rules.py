@@ -76,11 +76,11 @@ class ParsedCaption:
             raise ValueError(f"{self.text!r}: a word span lies outside the text")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able containers (the cache's record)."""
+        """Plain JSON-able containers, compact (the cache's record; words never hold a tab, tags never a space)."""
         return {
-            "text": self.text, "words": list(self.words), "xpos": list(self.xpos),
-            "spans": [list(s) for s in self.spans],
-            "objects": [{"name": o.name, "attributes": list(o.attributes), "words": list(w), "attribute_words": list(a)}
+            "text": self.text, "words": "\t".join(self.words), "xpos": " ".join(self.xpos),
+            "spans": [k for span in self.spans for k in span],
+            "objects": [[o.name, list(o.attributes), list(w), list(a)]
                         for o, w, a in zip(self.graph.objects, self.object_words, self.attribute_words)],
             "relations": [[r.subject, r.predicate, r.object] for r in self.graph.relations],
         }
@@ -89,15 +89,17 @@ class ParsedCaption:
     def from_dict(cls, d: dict[str, Any]) -> "ParsedCaption":
         """The inverse of `to_dict`; a malformed record raises ValueError (never a half-built caption)."""
         try:
-            objects = tuple(Entity(str(o["name"]), tuple(map(str, o["attributes"]))) for o in d["objects"])
-            graph = SceneGraph(objects, tuple(Relation(int(s), str(p), int(o)) for s, p, o in d["relations"]))
+            objects = [(str(name), tuple(map(str, attrs)), tuple(map(int, ws)), tuple(map(int, aws)))
+                       for name, attrs, ws, aws in d["objects"]]
+            entities = tuple(Entity(name, attrs) for name, attrs, _, _ in objects)
+            graph = SceneGraph(entities, tuple(Relation(int(s), str(p), int(o)) for s, p, o in d["relations"]))
+            spans = list(map(int, d["spans"]))
             return cls(
-                text=str(d["text"]), words=tuple(map(str, d["words"])), xpos=tuple(map(str, d["xpos"])), graph=graph,
-                spans=tuple((int(s), int(e)) for s, e in d["spans"]),
-                object_words=tuple(tuple(map(int, o["words"])) for o in d["objects"]),
-                attribute_words=tuple(tuple(map(int, o["attribute_words"])) for o in d["objects"]),
+                text=str(d["text"]), words=tuple(d["words"].split("\t")), xpos=tuple(d["xpos"].split(" ")),
+                graph=graph, spans=tuple(zip(spans[::2], spans[1::2])),
+                object_words=tuple(o[2] for o in objects), attribute_words=tuple(o[3] for o in objects),
             )
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed parse record ({e.__class__.__name__}: {e})") from None
 
 
