@@ -13,6 +13,7 @@ COCO 2017 train holds Karpathy's test images (COCO-Order, COCO retrieval): see `
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -143,7 +144,7 @@ class CocoKarpathy(CaptionSource):
         if not e["sentences"]:
             yield Bad(f"{where}: no caption", split, rid)
         if captions:
-            image = str(Path(folder, e.get("filepath", ""), e["filename"]))
+            image = os.path.join(folder, e.get("filepath", ""), e["filename"])
             yield {"id": rid, "split": split, "image": image, "captions": captions, "where": where}
 
 

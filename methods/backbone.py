@@ -11,7 +11,7 @@ import open_clip
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from methods.pretrained import load_weights, plan_weights
+from methods.pretrained import LOCAL_DIR, load_weights, plan_weights
 
 
 def register_arch(name: str, arch: dict[str, Any]) -> None:
@@ -26,9 +26,9 @@ def register_arch(name: str, arch: dict[str, Any]) -> None:
 def create_backbone(cfg: DictConfig) -> tuple[torch.nn.Module, Callable, Callable, Callable]:
     """(model, preprocess_train, preprocess_val, tokenizer) for an open_clip name with a tag, a file, a
     `local-dir:` folder or nothing (methods/pretrained.py says which, before anything is built)."""
-    if cfg.arch is not None:
-        register_arch(cfg.name, OmegaConf.to_container(cfg.arch, resolve=True))
     plan = plan_weights(cfg.name, cfg.pretrained)
+    if cfg.arch is not None and not plan.name.startswith(LOCAL_DIR):  # a local-dir folder brings its own
+        register_arch(cfg.name, OmegaConf.to_container(cfg.arch, resolve=True))
     with warnings.catch_warnings():
         # open_clip only warns when OpenAI weights meet a GELU model; results silently change, so fail instead
         warnings.filterwarnings("error", message=".*QuickGELU mismatch.*")

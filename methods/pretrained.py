@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +177,9 @@ class _TensorsOnly(pickle.Unpickler):
 
     def persistent_load(self, saved_id: Any) -> Any:
         _, storage_type, key, _, _ = saved_id
-        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        with warnings.catch_warnings():  # the legacy storage classes an archive names warn when asked their dtype
+            warnings.simplefilter("ignore", UserWarning)
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
         raw = torch.frombuffer(bytearray(self.archive.read(f"{self.prefix}data/{key}")), dtype=torch.uint8)
         return torch.storage.TypedStorage(wrap_storage=raw.untyped_storage(), dtype=dtype, _internal=True)
 
