@@ -72,8 +72,8 @@ class CaptionSource(RecordSource):
                 captions = []
                 for j, text in enumerate(_captions(values[cols["captions"]])):
                     if not isinstance(text, str) or not text.strip():
-                        yield Bad(f"{where}: caption {j}: {'empty caption' if isinstance(text, str) else 'not a string'}",
-                                  split, rid)
+                        what = "empty caption" if isinstance(text, str) else "not a string"
+                        yield Bad(f"{where}: caption {j}: {what}", split, rid)
                     else:
                         captions.append(text.strip())
                 image = row if "image" in cols else str(Path(cfg.images, *(str(values[c]) for c in files)))
@@ -97,8 +97,8 @@ class CocoKarpathy(CaptionSource):
         train_splits: list[str] = field(default_factory=lambda: ["train", "restval"])
         hf_splits: dict[str, str] = field(default_factory=lambda: {"train": "train+restval", "val": "validation",
                                                                    "test": "test"})
-        hf_columns: dict[str, str] = field(default_factory=lambda: {"image": "", "file": "filepath,filename",
-                                                                    "captions": "sentences", "id": "cocoid", "split": ""})
+        hf_columns: dict[str, str] = field(default_factory=lambda: {
+            "image": "", "file": "filepath,filename", "captions": "sentences", "id": "cocoid", "split": ""})
 
     @classmethod
     def inputs(cls, cfg: Any) -> list[list[Any]]:
@@ -159,7 +159,9 @@ class Flickr30k(CocoKarpathy):
         annotations: str = "dataset_flickr30k.json"
         images: str = "flickr30k-images"
         train_splits: list[str] = field(default_factory=lambda: ["train"])
-        # nlphuji/flickr30k: every image in its "test" split, Karpathy's split in the `split` column
+        # nlphuji/flickr30k (its parquet export: config TEST): every image in split "test", Karpathy's split in
+        # the `split` column
+        hf_config: str = "TEST"
         hf_splits: dict[str, str] = field(default_factory=lambda: {"train": "test", "val": "test", "test": "test"})
         hf_columns: dict[str, str] = field(default_factory=lambda: {"image": "image", "file": "", "captions": "caption",
                                                                     "id": "filename", "split": "split"})
@@ -178,8 +180,8 @@ class Coco2017(CaptionSource):
         annotations: str = "annotations/captions_{split}2017.json"  # under root; {split} is train or val
         images: str = "{split}2017"
         hf_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "val": "validation"})
-        hf_columns: dict[str, str] = field(default_factory=lambda: {"image": "image", "file": "",
-                                                                    "captions": "captions", "id": "image_id", "split": ""})
+        hf_columns: dict[str, str] = field(default_factory=lambda: {
+            "image": "image", "file": "", "captions": "captions", "id": "image_id", "split": ""})
 
     @classmethod
     def inputs(cls, cfg: Any) -> list[list[Any]]:
@@ -202,7 +204,7 @@ class Coco2017(CaptionSource):
             raise BadInput(f"{path}: not a COCO captions file (needs 'images' and 'annotations' lists)")
         images: dict[Any, tuple[int, str]] = {}
         for k, im in enumerate(data["images"]):
-            if not isinstance(im, dict) or not isinstance(im.get("id"), int) or not isinstance(im.get("file_name"), str):
+            if not (isinstance(im, dict) and isinstance(im.get("id"), int) and isinstance(im.get("file_name"), str)):
                 yield Bad(f"{path}: images[{k}]: needs an int 'id' and a 'file_name' string", split,
                           im.get("id") if isinstance(im, dict) else None)
             else:
@@ -216,7 +218,8 @@ class Coco2017(CaptionSource):
                 yield Bad(f"{path}: annotations[{k}]: 'image_id' {image_id!r} is not in 'images'", split, image_id)
             elif not isinstance(caption, str) or not caption.strip():
                 what = "empty caption" if isinstance(caption, str) else "no 'caption' string"
-                yield Bad(f"{path}: annotations[{k}] (image {image_id}, {images[image_id][1]}): {what}", split, image_id)
+                name = images[image_id][1]
+                yield Bad(f"{path}: annotations[{k}] (image {image_id}, {name}): {what}", split, image_id)
             else:
                 captions[image_id].append(caption.strip())
             if image_id in images:

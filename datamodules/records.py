@@ -231,7 +231,8 @@ class RecordSource:
                         problems[k] = str(e)
             elif cfg.verify_images and hub is not None:
                 try:
-                    hub_image(hub[r["split"]], r["image"], cfg.hf_columns["image"], r["where"])
+                    images = hub.get(r["split"]) or next(iter(hub.values()))  # (VG: one dataset serves every split)
+                    hub_image(images, r["image"], cfg.hf_columns["image"], r["where"])
                 except BadInput as e:
                     problems[k] = str(e)
         if cfg.verify_images and jobs:

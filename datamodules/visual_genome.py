@@ -106,7 +106,8 @@ class Graphs:
             predicate = clean(element["predicate"])
             if not predicate:
                 raise ValueError("empty predicate")
-            rel = (self.add_object(image, element.get("subject")), predicate, self.add_object(image, element.get("object")))
+            subject = self.add_object(image, element.get("subject"))
+            rel = (subject, predicate, self.add_object(image, element.get("object")))
             if rel not in self.relations[image]:
                 self.relations[image].append(rel)
         else:

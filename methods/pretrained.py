@@ -116,7 +116,8 @@ def load_weights(model: torch.nn.Module, path: str, quick_gelu: bool | None = No
     if is_torchscript(path):
         quick_gelu = True  # OpenAI's archives: every one was trained with QuickGELU
     if quick_gelu is not None and quick_gelu != uses_quick_gelu(model):
-        raise ValueError(f"{path}: QuickGELU mismatch: the weights were trained with {'Quick' if quick_gelu else ''}GELU "
+        trained = "QuickGELU" if quick_gelu else "GELU"
+        raise ValueError(f"{path}: QuickGELU mismatch: the weights were trained with {trained} "
                          f"and the model uses the other; use the -quickgelu model name (model=vitb32_quickgelu) or "
                          f"model.force_quick_gelu={str(quick_gelu).lower()}")
     if not is_torchscript(path):

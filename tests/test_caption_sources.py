@@ -44,7 +44,8 @@ def test_flickr30k_and_coco2017(tmp_path):
     raw = json.loads((tmp_path / "flickr" / "dataset_flickr30k.json").read_text())["images"]
     sizes = {s: len(Flickr30k(cfg_of(Flickr30k, tmp_path / "flickr", tmp_path), s)) for s in ("train", "val", "test")}
     assert sizes == {s: sum(e["split"] == s for e in raw) for s in sizes}
-    assert Flickr30k(cfg_of(Flickr30k, tmp_path / "flickr", tmp_path), "val")[1].captions[4] == raw[7]["sentences"][4]["raw"]
+    val = Flickr30k(cfg_of(Flickr30k, tmp_path / "flickr", tmp_path), "val")
+    assert val[1].captions[4] == raw[7]["sentences"][4]["raw"]
 
     files = make_coco2017(tmp_path / "coco")
     val = Coco2017(cfg_of(Coco2017, tmp_path / "coco", tmp_path), "val")
@@ -104,7 +105,7 @@ def test_bad_records_are_named_and_skip_bad_counts_them(tmp_path, cls, maker, na
     assert len(src) == n_train - 2  # the missing image and the malformed record are out; images[4] keeps 4 captions
     assert len(src[2].captions) == 4 and src[2].key.endswith(f"({imgs[4]['filename']})")
     # the corrupt image (images[2]) is found when read: named without skip_bad, replaced and counted with it
-    strict = cls(cfg_of(cls, tmp_path / "d", tmp_path, skip_bad=False, exclude_ids=[str(_ids(tmp_path, imgs))]), "train")
+    strict = cls(cfg_of(cls, tmp_path / "d", tmp_path, exclude_ids=[str(_ids(tmp_path, imgs))]), "train")
     with pytest.raises(BadInput, match=rf"{name}: images\[2\] \({imgs[2]['filename']}\): cannot read image"):
         strict[1]
     assert src[1].key.endswith(f"({imgs[4]['filename']})") and src.report()["substituted_images"] == 1
@@ -164,7 +165,8 @@ def test_hub_datasets_map_to_the_same_samples(tmp_path):
     # yerevann/coco-karpathy's layout: captions as a list of strings, no image column (images stay under root)
     rows = {s: [e for e in info["images"] if e["split"] == s] for s in ("train", "restval", "val", "test")}
     hub = datasets.DatasetDict({("validation" if s == "val" else s): datasets.Dataset.from_dict({
-        "filepath": [e["filepath"] for e in r], "filename": [e["filename"] for e in r], "cocoid": [e["cocoid"] for e in r],
+        "filepath": [e["filepath"] for e in r], "filename": [e["filename"] for e in r],
+        "cocoid": [e["cocoid"] for e in r],
         "sentences": [[x["raw"] for x in e["sentences"]] for e in r]}) for s, r in rows.items()})
     hub.save_to_disk(str(tmp_path / "hub"))
     cfg = cfg_of(CocoKarpathy, tmp_path / "coco", tmp_path, hf_id=str(tmp_path / "hub"))

@@ -47,7 +47,8 @@ def test_openai_torchscript_archive_loads_without_running_it(tmp_path):
     source = random_tiny(seed=3, quick_gelu=True).eval()
     archive = torch.jit.trace(source, (torch.randn(1, 3, 32, 32), torch.randint(0, 99, (1, 24))), check_trace=False)
     archive.save(str(tmp_path / "ViT-tiny.pt"))
-    loaded = create_backbone(model_cfg(f"model.pretrained={tmp_path / 'ViT-tiny.pt'}", "model.force_quick_gelu=true"))[0]
+    cfg = model_cfg(f"model.pretrained={tmp_path / 'ViT-tiny.pt'}", "model.force_quick_gelu=true")
+    loaded = create_backbone(cfg)[0]
     assert same_weights(loaded, source)
     with pytest.raises(ValueError, match="QuickGELU mismatch"):  # OpenAI's weights into a GELU model
         create_backbone(model_cfg(f"model.pretrained={tmp_path / 'ViT-tiny.pt'}"))
@@ -73,7 +74,8 @@ def test_local_dir_folder(tmp_path):
     arch = OmegaConf.to_container(model_cfg().arch)
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "w" / "open_clip_model.safetensors")
+    weights = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(weights, tmp_path / "w" / "open_clip_model.safetensors")
     for override in (f"model.pretrained=local-dir:{tmp_path / 'w'}", f"model.name=local-dir:{tmp_path / 'w'}"):
         model, _, preprocess, tokenizer = create_backbone(model_cfg(override))
         assert same_weights(model, source) and tokenizer(["a red circle"]).shape == (1, 24)
@@ -96,7 +98,8 @@ def offline(tmp_path, monkeypatch):
 def test_a_tag_offline_without_its_file_fails_at_once(offline):
     cfg = model_cfg("model=vitb32_quickgelu")  # pretrained: openai
     with pytest.raises(HubUnavailable, match=r"model.pretrained='openai' needs to download the ViT-B-32-quickgelu "
-                                             r"weights, but HF_HUB_OFFLINE is set .* model.pretrained=/path/to/weights"):
+                                             r"weights, but HF_HUB_OFFLINE is set .* "
+                                             r"model.pretrained=/path/to/weights"):
         create_backbone(cfg)
     with pytest.raises(ValueError, match="neither a file nor an open_clip tag of ViT-B-32-quickgelu .*openai"):
         create_backbone(model_cfg("model=vitb32_quickgelu", "model.pretrained=no_such_tag"))

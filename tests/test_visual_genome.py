@@ -28,7 +28,8 @@ def test_graphs_with_boxes_merged_across_files(tmp_path):
     s = src[0]  # image 1: benchmarks.md's real records (merged object id, "name" vs "names", "ON")
     shade, sidewalk, clock = (2.0, 3.0, 27.0, 20.0), (7.0, 22.0, 40.0, 15.0), (38.0, 2.0, 8.0, 9.0)
     assert s.graph == SceneGraph(
-        (Entity("shade", ("red",), shade), Entity("sidewalk", ("yellow", "small"), sidewalk), Entity("clock", (), clock)),
+        (Entity("shade", ("red",), shade), Entity("sidewalk", ("yellow", "small"), sidewalk),
+         Entity("clock", (), clock)),
         (Relation(0, "on", 1),))  # the relation's object 5046 is sidewalk (merged into 1058534); duplicate dropped
     assert s.captions == ["the shade is on the sidewalk", "the red shade", "the yellow sidewalk", "the small sidewalk"]
     assert s.extra["caption_graphs"] == [
@@ -83,8 +84,8 @@ def test_aro_images_are_excluded(tmp_path, caplog):
 def test_bad_input_is_named_and_skip_bad_counts_it(tmp_path):
     info = make_vg(tmp_path / "vg", bad=True)
     ids = [e["image_id"] for e in info["image_data"]]
-    with pytest.raises(BadInput, match=rf"relationships.json: \[4\] \(image {ids[4]}\).relationships\[0\]: no 'predicate'"
-                                       rf" string \[2 bad record"):
+    with pytest.raises(BadInput, match=rf"relationships.json: \[4\] \(image {ids[4]}\).relationships\[0\]: "
+                                       rf"no 'predicate' string \[2 bad record"):
         VG(cfg_of(tmp_path / "vg", tmp_path), "train")
     src = VG(cfg_of(tmp_path / "vg", tmp_path, skip_bad=True), "train")
     assert src.bad.count == 2 and len(src) == 11  # the image without its file is out; image 4 keeps its other relation
