@@ -1,7 +1,10 @@
 """Writing that never loses or overwrites anything: fresh folders and atomic files."""
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Iterator
 
 
 def new_folder(base: str | Path) -> Path:
@@ -23,3 +26,17 @@ def write_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+@contextmanager
+def open_atomic(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A file written under a name of its own (several processes may write the same cache at once), renamed
+    into place only when the block ends without an error; a failed write leaves no half file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -9,8 +9,8 @@ from typing import Any, Optional
 class ModelConfig:
     """An open_clip model: a built-in name with a pretrained tag or local file, or a custom architecture."""
 
-    name: str = "clipcomp-tiny"  # open_clip model name (or "local-dir:/path")
-    pretrained: Optional[str] = None  # a tag (needs the network), a local checkpoint file, or None (random init)
+    name: str = "clipcomp-tiny"  # open_clip model name (or "local-dir:/path": open_clip_config.json + weights)
+    pretrained: Optional[str] = None  # a tag (network or its cached file), a weights file, "local-dir:/path", None
     arch: Any = None  # a custom open_clip architecture (embed_dim, vision_cfg, text_cfg) registered under `name`
     force_quick_gelu: bool = False
     grad_checkpointing: bool = False

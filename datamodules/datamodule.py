@@ -103,10 +103,14 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def source_options(cfg: DictConfig) -> Any:
+    """The source's options as its own Config object."""
+    return OmegaConf.to_object(cfg.options) if isinstance(cfg.options, DictConfig) else cfg.options
+
+
 def build_source(cfg: DictConfig, split: str) -> Source:
     """The registered source named by cfg.source, for one split, with its typed options."""
-    options = OmegaConf.to_object(cfg.options) if isinstance(cfg.options, DictConfig) else cfg.options
-    return SOURCES.get(cfg.source)(options, split)
+    return SOURCES.get(cfg.source)(source_options(cfg), split)
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -135,6 +139,16 @@ class CaptionDataModule(L.LightningDataModule):
                 field_options=self.field_options,
             )
         return self.datasets[split]
+
+    def prepare_data(self) -> None:
+        """The source's one-time work (e.g. parsing annotation files into a cache), on rank 0 before `setup`."""
+        prepare = getattr(SOURCES.get(self.cfg.source), "prepare", None)
+        if prepare is not None:
+            prepare(source_options(self.cfg))
+
+    def data_report(self) -> dict[str, Any]:
+        """Per split: what the source left out (skipped bad records, replaced images, excluded ids), if it says."""
+        return {split: ds.source.report() for split, ds in self.datasets.items() if hasattr(ds.source, "report")}
 
     def setup(self, stage: str | None = None) -> None:
         self.dataset("train" if stage in (None, "fit") else "test")

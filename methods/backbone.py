@@ -11,6 +11,9 @@ import open_clip
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from methods.pretrained import LOCAL_DIR, load_weights, plan_weights
+
+
 def register_arch(name: str, arch: dict[str, Any]) -> None:
     """Make a custom architecture known to open_clip under `name`. Its registry only reads JSON files, and
     keeps what it read, so the file lives only for the call."""
@@ -21,16 +24,20 @@ def register_arch(name: str, arch: dict[str, Any]) -> None:
 
 
 def create_backbone(cfg: DictConfig) -> tuple[torch.nn.Module, Callable, Callable, Callable]:
-    """(model, preprocess_train, preprocess_val, tokenizer) for an open_clip name with a tag, a file or nothing."""
-    if cfg.arch is not None:
+    """(model, preprocess_train, preprocess_val, tokenizer) for an open_clip name with a tag, a file, a
+    `local-dir:` folder or nothing (methods/pretrained.py says which, before anything is built)."""
+    plan = plan_weights(cfg.name, cfg.pretrained)
+    if cfg.arch is not None and not plan.name.startswith(LOCAL_DIR):  # a local-dir folder brings its own
         register_arch(cfg.name, OmegaConf.to_container(cfg.arch, resolve=True))
     with warnings.catch_warnings():
         # open_clip only warns when OpenAI weights meet a GELU model; results silently change, so fail instead
         warnings.filterwarnings("error", message=".*QuickGELU mismatch.*")
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            cfg.name, pretrained=cfg.pretrained, force_quick_gelu=cfg.force_quick_gelu,
+            plan.name, pretrained=plan.tag, force_quick_gelu=cfg.force_quick_gelu, **plan.preprocess,
         )
-    tokenizer = open_clip.get_tokenizer(cfg.name)
+    if plan.file is not None:
+        load_weights(model, plan.file, quick_gelu=plan.quick_gelu)
+    tokenizer = open_clip.get_tokenizer(plan.name)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, preprocess_train, preprocess_val, tokenizer

@@ -48,3 +48,28 @@ class Throughput(L.Callback):
             info = self.summary() | {"accelerator": type(trainer.accelerator).__name__, "world_size": trainer.world_size,
                                      "precision": str(trainer.precision)}
             write_atomic(self.path, json.dumps(info, indent=2))
+
+
+class DataReport(L.Callback):
+    """`data_report.json` in the run folder: per split, what the data source left out (bad records skipped,
+    images replaced while training, excluded image ids), written at the start and updated at the end; a log
+    line says so when anything was skipped."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / "data_report.json"
+
+    def write(self, trainer: L.Trainer) -> None:
+        report = getattr(trainer.datamodule, "data_report", None)
+        info = report() if report is not None and trainer.is_global_zero else None
+        if not info:
+            return
+        write_atomic(self.path, json.dumps(info, indent=2))
+        left_out = {s: r["skipped_records"] + r["substituted_images"] for s, r in info.items()}
+        if any(left_out.values()):
+            print(f"data: bad records skipped or images replaced per split {left_out} (skip_bad); see {self.path}")
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.write(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.write(trainer)

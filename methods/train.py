@@ -22,7 +22,7 @@ import configs
 from configs.files import new_folder, write_atomic
 from datamodules import CaptionDataModule, data_schema
 from methods import METHODS, method_schema
-from methods.callbacks import Throughput
+from methods.callbacks import DataReport, Throughput
 
 SCHEMAS = {"method": method_schema, "data": data_schema}
 
@@ -76,6 +76,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None =
             OnExceptionCheckpoint(dirpath=ckpt_dir, filename="interrupted"),
             LearningRateMonitor(logging_interval="step"),
             throughput,
+            DataReport(run_dir),
         ],
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
