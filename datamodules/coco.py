@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from datamodules.images import BadInput
 from datamodules.jsonstream import iter_json_array
+from datamodules.parse import CaptionParser, ParsedCaption, ParserConfig
 from datamodules.records import Bad, RecordsConfig, RecordSource, file_stat, norm_id
-from datamodules.source import SOURCES
+from datamodules.source import SOURCES, Sample
+from datamodules.text_negatives import text_negatives
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
@@ -39,8 +42,60 @@ def _captions(value: Any) -> list[Any]:
     return [value]
 
 
+@dataclass
+class CaptionConfig(RecordsConfig):
+    """A caption source's options: the shared ones, and whether its captions are parsed into scene graphs."""
+
+    parse: bool = False  # parse every caption once while preparing (graphs for Structure-CLIP, MSG-CLIP; negatives)
+    parser: ParserConfig = field(default_factory=ParserConfig)  # the Stanza model folder, CoNLL-U files, cache
+
+
+PARSE_CHUNK = 2048  # records parsed per call to the parser (its batches are smaller; this bounds one retry)
+
+
 class CaptionSource(RecordSource):
-    """Images with captions from local files or, with `hf_id`, from a hub dataset's columns."""
+    """Images with captions from local files or, with `hf_id`, from a hub dataset's columns.
+
+    With `parse`, every caption is parsed once while preparing (`datamodules/parse.py`: cached per caption text
+    and parser version) and its parse stored with the record; a sample then carries each caption's scene graph
+    (`extra["caption_graphs"]`) and its hard negatives (`extra["negative_captions"]`: relation, attribute and noun
+    swaps in the text and an ARO shuffle, `datamodules/text_negatives.py`), as the shapes world does, so NegCLIP,
+    Structure-CLIP and MSG-CLIP train on real captions unchanged. A caption the parser cannot read is a bad record
+    that names the file and the record (skipped and counted with `skip_bad`).
+    """
+
+    @classmethod
+    def annotation_key(cls, cfg: Any) -> Any:
+        return CaptionParser(cfg.parser).version() if cfg.parse else None
+
+    @classmethod
+    def annotate(cls, cfg: Any, records: list[dict[str, Any]]) -> list[Bad]:
+        if not cfg.parse:
+            return []
+        parser, bad = CaptionParser(cfg.parser), []
+        for start in range(0, len(records), PARSE_CHUNK):
+            chunk = records[start:start + PARSE_CHUNK]
+            try:
+                parsed = iter(parser.parse([c for r in chunk for c in r["captions"]]))
+                for r in chunk:
+                    r["parses"] = [next(parsed).to_dict() for _ in r["captions"]]
+            except ValueError:  # find the record whose caption the parser cannot read
+                for r in chunk:
+                    try:
+                        r["parses"] = [p.to_dict() for p in parser.parse(r["captions"])]
+                    except ValueError as e:
+                        bad.append(Bad(f"{r['where']}: the caption parser cannot read a caption: {e}", r.get("split"),
+                                       r["id"]))
+        return bad
+
+    def sample(self, record: dict[str, Any]) -> Sample:
+        sample = super().sample(record)
+        if "parses" in record:
+            parsed = [ParsedCaption.from_dict(d) for d in record["parses"]]
+            seed = zlib.crc32(str(record["id"]).encode())  # the same negatives for a caption in every epoch and run
+            sample.extra["caption_graphs"] = [p.graph for p in parsed]
+            sample.extra["negative_captions"] = lambda k: text_negatives(parsed[k], seed * 16 + k)
+        return sample
 
     @classmethod
     def read(cls, cfg: Any, hub: dict[str, Any] | None) -> Iterator[dict[str, Any] | Bad]:
@@ -91,7 +146,7 @@ class CocoKarpathy(CaptionSource):
     cache_options = ("images",)
 
     @dataclass
-    class Config(RecordsConfig):
+    class Config(CaptionConfig):
         annotations: str = "dataset_coco.json"  # under root (or an absolute path)
         images: str = ""  # the folder under root that holds the records' filepath folders (train2014/, val2014/)
         train_splits: list[str] = field(default_factory=lambda: ["train", "restval"])
@@ -176,7 +231,7 @@ class Coco2017(CaptionSource):
     cache_options = ("images",)
 
     @dataclass
-    class Config(RecordsConfig):
+    class Config(CaptionConfig):
         annotations: str = "annotations/captions_{split}2017.json"  # under root; {split} is train or val
         images: str = "{split}2017"
         hf_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "val": "validation"})

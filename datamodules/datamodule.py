@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.fields import FIELDS, FieldContext
+from datamodules.fields import FIELDS, FieldContext, check_source_offers
 from datamodules.source import SOURCES, Source
 
 
@@ -138,6 +138,8 @@ class CaptionDataModule(L.LightningDataModule):
                 fields=self.extra_fields if train else (),  # validation and test use the plain pairs
                 field_options=self.field_options,
             )
+            if train and self.extra_fields and len(self.datasets[split]):
+                check_source_offers(self.extra_fields, self.datasets[split].source[0], self.cfg.source)
         return self.datasets[split]
 
     def prepare_data(self) -> None:

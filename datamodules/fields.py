@@ -36,6 +36,23 @@ FIELDS: Registry[FieldBuilder] = Registry("batch field")
 MAX_BOXES = 8
 
 
+# field -> (what it reads of a sample, a test that the sample offers it): a method whose fields read what the
+# source does not offer would train on nothing (no negatives, empty graphs) without a word, so it fails instead.
+NEEDS: dict[str, tuple[str, Callable[[Sample], bool]]] = {
+    "neg_text": ("negative captions", lambda s: s.extra.get("negative_captions") is not None),
+    "caption_graph": ("scene graphs", lambda s: bool(s.extra.get("caption_graphs")) or s.graph is not None),
+}
+
+
+def check_source_offers(fields: tuple[str, ...], sample: Sample, source: str) -> None:
+    """Raise if the source's samples lack what the method's fields read (tested on one sample of the split)."""
+    missing = sorted({what for f in fields if f in NEEDS for what, offers in [NEEDS[f]] if not offers(sample)})
+    if missing:
+        raise ValueError(f"data source '{source}' offers no {' and no '.join(missing)}, which this method needs "
+                         f"({sample.key}); caption sources parse their captions into graphs and negatives with "
+                         f"data.options.parse=true (see README 'Parsing real captions')")
+
+
 @FIELDS.register("boxes")
 def boxes_field(sample: Sample, caption_index: int, ctx: FieldContext) -> torch.Tensor:
     """Object boxes (x, y, w, h) as fractions of the image size, padded with -1 to (MAX_BOXES, 4)."""

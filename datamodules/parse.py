@@ -261,6 +261,11 @@ class CaptionParser:
         self.cache = ParseCache(Path(cfg.cache_dir))
         self.counts = {"cached": 0, "conllu": 0, "parsed": 0}  # where the captions of parse() calls came from
 
+    def version(self) -> str:
+        """Names every parse this parser can give (the CoNLL-U files' version and the backend's), for caches of its
+        output such as a data source's prepared records."""
+        return "+".join(([self.files.version] if self.files is not None else []) + [self.backend.version()])
+
     def _from_cache(self, version: str, texts: list[str], found: dict[str, ParsedCaption]) -> list[str]:
         for t in texts:
             p = self.cache.get(version, t)

@@ -147,6 +147,17 @@ class RecordSource:
         """The split a record belongs to, from its stored split (None: unknown, i.e. it concerns every split)."""
         return stored
 
+    @classmethod
+    def annotate(cls, cfg: Any, records: list[dict[str, Any]]) -> list[Bad]:
+        """Work added to the records while preparing (a caption source parses its captions here); returns the
+        Bad entries of records it could not annotate, which are then left out. None by default."""
+        return []
+
+    @classmethod
+    def annotation_key(cls, cfg: Any) -> Any:
+        """What `annotate` depends on besides the records (e.g. the parser's version), for the cache key."""
+        return None
+
     # -- preparing the cache (once, on rank 0) ---------------------------------------------------------
     @classmethod
     def hub_datasets(cls, cfg: Any) -> dict[str, Any]:
@@ -157,7 +168,8 @@ class RecordSource:
     def cache_folder(cls, cfg: Any, hub: dict[str, Any] | None) -> Path:
         key: dict[str, Any] = {"source": cls.name, "version": cls.FORMAT_VERSION, "verify": cfg.verify_images,
                                "root": str(Path(cfg.root).resolve()),
-                               "options": {k: getattr(cfg, k) for k in cls.cache_options}}
+                               "options": {k: getattr(cfg, k) for k in cls.cache_options},
+                               "annotation": cls.annotation_key(cfg)}
         if hub is not None:
             key["hub"] = [cfg.hf_id, cfg.hf_config, dict(cfg.hf_columns), {s: d._fingerprint for s, d in hub.items()}]
         else:
@@ -193,6 +205,11 @@ class RecordSource:
         finally:
             if collecting:
                 gc.enable()
+        unannotated = cls.annotate(cfg, records)
+        if unannotated:
+            left_out = {(b.split, b.id) for b in unannotated}
+            records = [r for r in records if (r.get("split"), r["id"]) not in left_out]
+            bad += unannotated
         problems = cls._image_problems(cfg, records, hub)
         bad += [Bad(problems[k], records[k].get("split"), records[k]["id"]) for k in sorted(problems)]
         offsets, ids, splits = [], [], []
