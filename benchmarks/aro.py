@@ -17,6 +17,7 @@ Each record's caption options carry their own scene graph where the record has `
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -119,6 +120,10 @@ def default_tagger(ctx: BenchContext) -> Tagger:
     options = OmegaConf.to_container(ctx.spec.parser, resolve=True) if ctx.spec.get("parser") else {}
     conllu = sorted(str(p) for p in (data_root(ctx) / "parses").glob("*.conllu"))
     options["conllu"] = conllu + list(options.get("conllu") or [])
+    valid = [f.name for f in dataclasses.fields(ParserConfig)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"bench.parser: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
     return CaptionParser(ParserConfig(**options)).tag
 
 
