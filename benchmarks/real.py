@@ -99,7 +99,8 @@ class EncodedImages:
             return f"{what}: images shared with an earlier benchmark of this call (encoded once)"
         self.reported = True
         ok = sum(e is None for e in self.errors)
-        return (f"{what}: {ok} distinct images read, preprocessed and encoded at "
+        kind = "image crops" if any(r.box is not None for r in self.refs) else "images"
+        return (f"{what}: {ok} distinct {kind} read, preprocessed and encoded at "
                 f"{ok / max(self.seconds, 1e-9):.1f} images/s")
 
 
