@@ -72,6 +72,8 @@ def compose(root: str, argv: list[str] | tuple[str, ...] = (), schemas: Mapping[
     cfg = OmegaConf.structured(ROOTS[root])
     cfg = _merge(cfg, base, f"configs/{root}.yaml")
     for group, name in defaults.items():
+        if name is None:  # an optional group nobody selected (e.g. the bench job's bare `model`)
+            continue
         node = load_group(group, str(name))
         typed = schemas[group](str(name), node) if group in schemas else cfg[group]
         what = f"configs/{group}/{name}.yaml"

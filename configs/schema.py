@@ -94,7 +94,11 @@ class BenchSpec:
     seed: int = 1  # for the random parts of benchmarks (word-order shuffles), as ARO seeds them
     batch_size: int = 256
     data: Any = None  # overrides of each run's data options for the benchmark's world (None: as trained)
-    data_root: Optional[str] = None  # folder with real benchmark files
+    data_root: Optional[str] = None  # folder with the real benchmark files (layout in README "Real benchmarks")
+    skip_bad: bool = False  # skip records with a missing/corrupt image or a malformed field, and report how many
+    num_workers: int = 4  # DataLoader workers reading and preprocessing the real benchmarks' images
+    amp: Optional[bool] = None  # bfloat16 autocast while encoding; None: on a GPU only
+    parser: Any = None  # options of the caption parser the Order benchmarks tag with (datamodules.parse.ParserConfig)
 
 
 @dataclass
@@ -107,3 +111,4 @@ class BenchConfig:
     ckpt: str = "best"  # best (selected on the validation split) | last
     device: str = "auto"
     bench: BenchSpec = field(default_factory=BenchSpec)
+    model: Any = None  # `model=<name>`: evaluate that bare model (vanilla CLIP, no training run) instead of runs
