@@ -12,6 +12,7 @@ Layout under `bench.data_root` (see README "Real benchmarks"):
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,7 @@ def encode_refs(ctx: BenchContext, refs: Sequence[ImageRef], wheres: Sequence[st
         data = ImageFiles(distinct, names, ctx.preprocess)
         start = time.perf_counter()
         feats, errors = encode_images_guarded(ctx.model, data, batch_size=ctx.spec.batch_size,
-                                              num_workers=int(ctx.spec.get("num_workers", 0)),
+                                              num_workers=min(int(ctx.spec.get("num_workers", 0)), os.cpu_count() or 1),
                                               desc=f"{what} images", amp=use_amp(ctx))
         return EncodedImages(distinct, feats, errors, time.perf_counter() - start)
 

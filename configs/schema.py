@@ -96,7 +96,7 @@ class BenchSpec:
     data: Any = None  # overrides of each run's data options for the benchmark's world (None: as trained)
     data_root: Optional[str] = None  # folder with the real benchmark files (layout in README "Real benchmarks")
     skip_bad: bool = False  # skip records with a missing/corrupt image or a malformed field, and report how many
-    num_workers: int = 4  # DataLoader workers reading and preprocessing the real benchmarks' images
+    num_workers: int = 4  # DataLoader workers reading and preprocessing the real benchmarks' images (at most the CPU count)
     amp: Optional[bool] = None  # bfloat16 autocast while encoding; None: on a GPU only
     parser: Any = None  # options of the caption parser the Order benchmarks tag with (datamodules.parse.ParserConfig)
 
