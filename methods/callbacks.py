@@ -24,7 +24,8 @@ class ExactResume(L.Callback):
     states per rank; and the step Lightning logs under is set to the global step. (Lightning adds one to
     its logging step when it restarts from a checkpoint written mid-step, by an error or a signal, so the
     rows after such a resume would be shifted by one; the lab takes one optimizer step per batch, so the
-    two counters are the same number in an uninterrupted run.)"""
+    two counters are the same number in an uninterrupted run.) Before every checkpoint, the metrics logged
+    so far are written out, so a kill right after it loses no row of a step the checkpoint holds."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
@@ -32,6 +33,28 @@ class ExactResume(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         torch.manual_seed(derive_seed("step", self.seed, trainer.global_step, trainer.global_rank))
         trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+
+class StepCheckpoint(L.Callback):
+    """`path` (step.ckpt) every `every` optimizer steps, replaced atomically: a kill loses at most that many
+    steps. Written before a step rather than after one (as ModelCheckpoint(every_n_train_steps) does), so the
+    previous step's metrics are logged by then and a resumed run's metrics have no gap."""
+
+    def __init__(self, path: str | Path, every: int) -> None:
+        self.path, self.every = Path(path), every
+        self.saved_at = -1
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.saved_at = trainer.global_step  # a resumed run does not write its starting point again
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step % self.every == 0 and trainer.global_step != self.saved_at:
+            trainer.save_checkpoint(self.path)
+            self.saved_at = trainer.global_step
 
 
 class Throughput(L.Callback):

@@ -29,7 +29,7 @@ from configs.files import new_folder, write_atomic
 from configs.schema import TrainerConfig
 from datamodules import CaptionDataModule, data_schema
 from methods import METHODS, method_schema
-from methods.callbacks import ExactResume, InterruptCheckpoint, Throughput
+from methods.callbacks import ExactResume, InterruptCheckpoint, StepCheckpoint, Throughput
 from methods.checkpoints import AtomicCheckpointIO, resume_checkpoint
 
 SCHEMAS = {"method": method_schema, "data": data_schema}
@@ -135,13 +135,12 @@ def make_trainer(cfg: DictConfig, run_dir: Path, throughput: Throughput) -> L.Tr
     """Lightning's Trainer with the lab's checkpoints (atomic, periodic, on signals and errors) and logs."""
     ckpt_dir = run_dir / "checkpoints"
     every = cfg.trainer.checkpoint_every_n_steps
-    periodic = [ModelCheckpoint(dirpath=ckpt_dir, filename="step", every_n_train_steps=every, save_top_k=1,
-                                enable_version_counter=False)] if every > 0 else []
+    periodic = [StepCheckpoint(ckpt_dir / "step.ckpt", every)] if every > 0 else []
     return L.Trainer(
         **{k: v for k, v in cfg.trainer.items() if k not in TrainerConfig.LAB_KEYS},
         default_root_dir=run_dir,
         plugins=[AtomicCheckpointIO()],
-        # every logged row reaches the disk at once: a kill loses no metrics of steps a checkpoint holds
+        # logged rows reach the disk at once (and before every checkpoint, see ExactResume)
         logger=CSVLogger(run_dir, name="", version="", flush_logs_every_n_steps=cfg.trainer.log_every_n_steps),
         callbacks=[
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
@@ -170,8 +169,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None =
     if ckpt_path is not None:
         print(f"continuing {run_dir} from {ckpt_path.name}", file=sys.stderr)
     keep_old_metrics(run_dir)
-    # the CSV logger shares the run folder with config.yaml; it only ever replaces its own metrics.csv
+    # the CSV logger shares the run folder with config.yaml (it only ever replaces its own metrics.csv), and a
+    # continued run finds its own checkpoints
     warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
     throughput = Throughput(run_dir)
     trainer = make_trainer(cfg, run_dir, throughput)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
