@@ -23,15 +23,20 @@ from configs.files import atomic_open
 RESUMABLE = ("last.ckpt", "step.ckpt", "interrupted.ckpt")
 
 
-def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
-    """A checkpoint's contents, loaded with weights_only=True; a truncated or foreign file is named, not unpickled.
-    `mmap` maps the tensors instead of reading them (for a quick look at the counters)."""
+def load_weights_only(path: str | Path, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True; a truncated or foreign file is named, not unpickled. `mmap` maps the
+    tensors instead of reading them (for a quick look at the counters)."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError or EOFError depending on the damage
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
                          ) from None
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A Lightning checkpoint's contents (see `load_weights_only`), or a ValueError naming a file that is not one."""
+    state = load_weights_only(path, mmap)
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict)")
     return state
@@ -48,8 +53,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with atomic_open(path, "wb") as f:
             f.write(buffer.getbuffer())
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return read_checkpoint(path)  # never unpickles, whatever the caller asked
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        # never unpickles, whatever the caller asked; not always a full checkpoint (ddp_spawn hands the trained
+        # weights back to its launching process as a bare state_dict through here)
+        return load_weights_only(path)
 
 
 def resume_checkpoint(run_dir: Path) -> Path | None:

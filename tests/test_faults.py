@@ -145,7 +145,7 @@ def test_a_full_disk_mid_checkpoint_keeps_the_previous_one(make_cfg, monkeypatch
     assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
-def test_a_failing_rank_ends_a_two_process_ddp_run(tmp_path):
+def test_a_two_process_ddp_run_finishes_and_a_failing_rank_ends_one(tmp_path):
     script = f"""
 import sys
 sys.path[:0] = {[str(ROOT), str(ROOT / "tests")]!r}
@@ -155,14 +155,18 @@ from tests_support import TINY_ARGS
 from test_faults import Inject
 
 if __name__ == "__main__":
+    args = TINY_ARGS + ["trainer=ddp_cpu2", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
+                        "trainer.checkpoint_every_n_steps=1", "trainer.enable_progress_bar=false"]
+    print("finished:", T.train(T.compose_train(args + ["runs_dir={tmp_path / 'ok'}"])), flush=True)
     real = L.Trainer
     T.L.Trainer = lambda *a, callbacks=(), **k: real(*a, callbacks=[*callbacks, Inject(fail_rank=1, fail_at=2)], **k)
-    T.train(T.compose_train(TINY_ARGS + ["runs_dir={tmp_path / 'runs'}", "trainer=ddp_cpu2", "trainer.max_epochs=1",
-                                         "trainer.limit_train_batches=4", "trainer.checkpoint_every_n_steps=1",
-                                         "trainer.enable_progress_bar=false"]))
+    T.train(T.compose_train(args + ["runs_dir={tmp_path / 'runs'}"]))
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=400,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    (ok,) = list((tmp_path / "ok").glob("clip/*"))
+    assert f"finished: {ok}" in out.stdout and (ok / "done.json").is_file()  # the launcher got the weights back
+    assert read_checkpoint(ok / "checkpoints" / "last.ckpt")["global_step"] == 4
     assert out.returncode != 0 and "rank 1 fails at step 2 (injected)" in out.stderr
     (run,) = list((tmp_path / "runs").glob("clip/*"))
     ckpts = {p.name: read_checkpoint(p)["global_step"] for p in (run / "checkpoints").glob("*.ckpt")}

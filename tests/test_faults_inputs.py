@@ -8,6 +8,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import torch
 
 import configs.files
 from benchmarks.run import main as bench_main
@@ -97,3 +98,12 @@ def test_a_damaged_sweep_result_is_named_kept_and_redone(tmp_path, capsys):
     assert f"{cell / 'result.json'}: damaged result (JSONDecodeError" in err and "result.damaged-1.json" in err
     assert (cell / "result.damaged-1.json").read_text() == '{"rows": [{"method": "cl'  # kept, not lost
     assert not (cell / "result.json").exists()
+
+
+def test_checkpoint_io_round_trips_what_lightning_hands_it(tmp_path):
+    from methods.checkpoints import AtomicCheckpointIO
+
+    io, weights = AtomicCheckpointIO(), {"w": torch.arange(6.0).reshape(2, 3)}
+    io.save_checkpoint(weights, tmp_path / "sub" / "weights.ckpt")  # ddp_spawn returns bare weights this way
+    assert torch.equal(io.load_checkpoint(tmp_path / "sub" / "weights.ckpt")["w"], weights["w"])
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["weights.ckpt"]  # no temporary file left
