@@ -22,6 +22,8 @@ from configs.schema import ModelConfig, TrainConfig
 from benchmarks.base import BENCHMARKS, BenchContext
 from benchmarks.report import format_table, write_report
 from methods import METHODS
+from methods.checkpoints import read_checkpoint
+from methods.train import saved_config
 
 # `model=<name>` in the bench job selects configs/model/<name>.yaml, typed like a training run's model
 SCHEMAS = {"model": lambda name, node: OmegaConf.structured(ModelConfig)}
@@ -48,7 +50,7 @@ def find_runs(cfg: DictConfig) -> list[Path]:
 
 def load_run(run: Path, ckpt: str, device: torch.device):
     """The run's method module with the checkpoint's weights (loaded with weights_only=True: no unpickling)."""
-    run_cfg = OmegaConf.load(run / "config.yaml")
+    run_cfg = saved_config(run)  # named if damaged; keys added since the run take their defaults
     path = run / "checkpoints" / f"{ckpt}.ckpt"
     if not path.is_file():
         raise FileNotFoundError(f"{run}: no checkpoint {path.name}")
@@ -57,17 +59,6 @@ def load_run(run: Path, ckpt: str, device: torch.device):
     module = METHODS.get(run_cfg.method.name)(plain)
     module.load_state_dict(read_checkpoint(path)["state_dict"])
     return module.to(device).eval(), run_cfg
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A checkpoint's contents, loaded with weights_only=True; a truncated or foreign file is named, not unpickled."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError or EOFError depending on the damage
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict)")
-    return state
 
 
 def new_out_dir(cfg: DictConfig) -> Path:
@@ -163,6 +154,7 @@ def write_details(path: Path, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = configs.compose("bench", sys.argv[1:] if argv is None else argv, schemas=SCHEMAS)
+        configs.validate(cfg)
         rows, families, notes, out = evaluate(cfg)
     except (configs.ConfigError, KeyError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)

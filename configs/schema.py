@@ -2,7 +2,43 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
+
+from configs.checks import (Rule, above, at_least, one_of, optional, registered, steps_or_off, within)
+
+# Lightning 2.x precision strings (the plugin is chosen from the string; there is no registry to ask)
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64", "16", "bf16",
+              "transformer-engine", "transformer-engine-float16")
+
+
+def _accelerators() -> list[str]:
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    return AcceleratorRegistry.available_accelerators()
+
+
+def _strategies() -> list[str]:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return StrategyRegistry.available_strategies()
+
+
+def _devices(v: Any) -> str | None:
+    """Lightning's forms: a count (>= 1, or -1 for all), "auto", a list of indices, or a string of them."""
+    if v == "auto" or v == -1 or (isinstance(v, int) and v >= 1):
+        return None
+    if isinstance(v, list) and v and all(isinstance(d, int) and d >= 0 for d in v):
+        return None
+    if isinstance(v, str) and all(p.strip().isdigit() for p in v.split(",") if p.strip()) and v.strip(", "):
+        return None
+    return "must be a count >= 1, -1 (all), 'auto', or a list of device indices"
+
+
+def _batch_limit(v: float) -> str | None:
+    """Lightning reads a float <= 1 as a fraction of the epoch and a whole number > 1 as a count of batches."""
+    if v <= 0:
+        return "must be > 0 (a fraction <= 1 of the epoch, or a whole number of batches)"
+    return None if v <= 1 or float(v).is_integer() else "above 1 it is a count of batches and must be whole"
 
 
 @dataclass
@@ -31,6 +67,9 @@ class DataConfig:
     augment: bool = False  # use the model's training transform (random crops) instead of the eval transform
     options: Any = None
 
+    RULES: ClassVar[dict[str, Rule]] = {"batch_size": at_least(1), "eval_batch_size": at_least(1),
+                                        "num_workers": at_least(0), "caption_sampling": one_of("random", "first")}
+
 
 @dataclass
 class TrainerConfig:
@@ -51,6 +90,19 @@ class TrainerConfig:
     deterministic: bool = False
     enable_progress_bar: bool = True
     num_sanity_val_steps: int = 0
+    # The lab's own (not passed to Lightning): a checkpoint (checkpoints/step.ckpt) every this many optimizer
+    # steps, so a kill loses at most that many; 0 turns it off (epoch ends and signals still write one).
+    checkpoint_every_n_steps: int = 200
+
+    LAB_KEYS: ClassVar[tuple[str, ...]] = ("checkpoint_every_n_steps",)
+    RULES: ClassVar[dict[str, Rule]] = {
+        "accelerator": registered("accelerator", _accelerators, ("auto", "gpu", "tpu")),
+        "strategy": registered("strategy", _strategies, ("auto",)), "precision": one_of(*PRECISIONS),
+        "devices": _devices, "num_nodes": at_least(1), "max_epochs": at_least(1), "max_steps": steps_or_off,
+        "limit_train_batches": _batch_limit, "limit_val_batches": at_least(0), "check_val_every_n_epoch": at_least(1),
+        "log_every_n_steps": at_least(1), "gradient_clip_val": optional(above(0)), "num_sanity_val_steps": at_least(-1),
+        "checkpoint_every_n_steps": at_least(0),
+    }
 
 
 @dataclass
@@ -68,6 +120,13 @@ class OptimConfig:
     logit_scale_max: float = 100.0  # the learned temperature is clamped to [1, this] after each step
     max_bad_steps: int = 10  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "lr": above(0), "weight_decay": at_least(0), "beta1": within(0, 1, hi_open=True),
+        "beta2": within(0, 1, hi_open=True), "eps": above(0), "warmup_steps": at_least(0),
+        "schedule": one_of("cosine", "constant"), "min_lr_ratio": within(0, 1), "logit_scale_max": at_least(1),
+        "max_bad_steps": at_least(0),
+    }
+
 
 @dataclass
 class TrainConfig:
@@ -76,12 +135,17 @@ class TrainConfig:
     seed: int = 0
     runs_dir: str = "runs"
     run_name: Optional[str] = None  # appended to the run folder's timestamp
+    # a fixed run folder instead of runs/<method>/<time>: a new run if it does not exist, the same run continued
+    # if it holds an unfinished one (with the same config), refused if that run finished
+    run_dir: Optional[str] = None
     cache_dir: str = ".cache"  # work done once and reused (e.g. NegCLIP's image neighbours)
     method: Any = None  # validated by the method's own Config
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    RULES: ClassVar[dict[str, Rule]] = {"seed": within(0, 2**32, hi_open=True)}
 
 
 @dataclass
@@ -99,6 +163,8 @@ class BenchSpec:
     num_workers: int = 4  # DataLoader workers reading and preprocessing the real benchmarks' images (at most the CPU count)
     amp: Optional[bool] = None  # bfloat16 autocast while encoding; None: on a GPU only
     parser: Any = None  # options of the caption parser the Order benchmarks tag with (datamodules.parse.ParserConfig)
+
+    RULES: ClassVar[dict[str, Rule]] = {"batch_size": at_least(1), "split": one_of("train", "val", "test")}
 
 
 @dataclass

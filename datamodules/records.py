@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Iterator
 
 from PIL import Image
 
-from configs.files import open_atomic
+from configs.files import atomic_open
 from datamodules.hub import load_hf_dataset
 from datamodules.images import BadInput, BadRecords, load_image, require_image_file
 from datamodules.source import SPLITS, Sample
@@ -213,7 +213,7 @@ class RecordSource:
         problems = cls._image_problems(cfg, records, hub)
         bad += [Bad(problems[k], records[k].get("split"), records[k]["id"]) for k in sorted(problems)]
         offsets, ids, splits = [], [], []
-        with open_atomic(folder / "records.jsonl", "wb") as f:
+        with atomic_open(folder / "records.jsonl", "wb") as f:
             for k, r in enumerate(records):
                 if k not in problems:
                     offsets.append(f.tell())
@@ -226,7 +226,7 @@ class RecordSource:
         meta = {"offsets": offsets, "ids": ids, "splits": splits, "bad": [asdict(b) for b in bad],
                 "image_dirs": {d: os.stat(d).st_mtime_ns for d in sorted(dirs) if os.path.isdir(d)},
                 "stats": {"records": len(offsets), "bad": len(bad), "seconds": round(seconds, 2)}}
-        with open_atomic(folder / "meta.json") as f:
+        with atomic_open(folder / "meta.json") as f:
             json.dump(meta, f)
         print(f"{cls.name}: prepared {len(offsets)} records ({len(bad)} bad) in {seconds:.1f} s, cached in {folder}")
         return folder

@@ -115,6 +115,7 @@ class ContrastiveMethod(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, terms = self.training_loss(batch)
+        self.loss_is_finite = torch.isfinite(loss.detach())  # read by the non-finite guard before the step
         b = batch["image"].shape[0]
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=b)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=b)
@@ -153,21 +154,23 @@ class ContrastiveMethod(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Non-finite guard: a step whose loss or gradients are not finite is skipped (its gradients dropped, so
-        AdamW leaves every weight as it was); `optim.max_bad_steps` in a row stop the run with a checkpoint
-        of the last good state. Under DDP the gradients are already averaged, so every rank agrees."""
+        AdamW leaves every weight and its moments as they were) and counted; `optim.max_bad_steps` in a row
+        stop the run with a checkpoint of the last good state. Under DDP every rank skips if any rank's loss
+        was bad (the gradients are already averaged, the losses are not), so the replicas never diverge."""
         limit = self.cfg.optim.max_bad_steps
         if limit <= 0:
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
-        if finite:
-            self.bad_steps_in_a_row = 0
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        finite = bool(finite & getattr(self, "loss_is_finite", torch.tensor(True)).to(finite.device))
+        bad = self.trainer.strategy.reduce_boolean_decision(not finite, all=False)
+        self.bad_steps_in_a_row = getattr(self, "bad_steps_in_a_row", 0) + 1 if bad else 0
+        self.bad_steps_total = getattr(self, "bad_steps_total", 0) + int(bad)
+        self.log("train/skipped_steps", float(self.bad_steps_total), on_step=True, on_epoch=False, batch_size=1)
+        if not bad:
             return
-        self.bad_steps_in_a_row = getattr(self, "bad_steps_in_a_row", 0) + 1
-        self.bad_steps_total = getattr(self, "bad_steps_total", 0) + 1
         for p in self.parameters():
             p.grad = None
-        self.log("train/skipped_steps", float(self.bad_steps_total), batch_size=1)
         if self.bad_steps_in_a_row >= limit:
             path = Path(self.trainer.default_root_dir) / "checkpoints" / "last-good.ckpt"
             self.trainer.save_checkpoint(path)
@@ -175,6 +178,12 @@ class ContrastiveMethod(L.LightningModule):
                 f"{self.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient (step "
                 f"{self.global_step}); stopped. The last good weights are in {path}. Lower optim.lr, check the "
                 f"data, or raise optim.max_bad_steps.")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["bad_steps"] = [getattr(self, "bad_steps_in_a_row", 0), getattr(self, "bad_steps_total", 0)]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.bad_steps_in_a_row, self.bad_steps_total = checkpoint.get("bad_steps", [0, 0])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():  # the temperature stays in [1, logit_scale_max]

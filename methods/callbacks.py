@@ -1,4 +1,5 @@
-"""Training callbacks: measured throughput (samples/s) written into the run folder."""
+"""Training callbacks: measured throughput (samples/s) written into the run folder; what an exact resume needs
+(per-step seeds, the logging step); the checkpoint an interruption writes."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,52 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+import torch.distributed as dist
 
 from configs.files import write_atomic
+from datamodules.sampling import derive_seed
+
+
+class ExactResume(L.Callback):
+    """What a resumed run needs, besides the checkpoint, to repeat an uninterrupted one step for step.
+
+    Before each training step: torch's generators (CPU and every GPU) are seeded from (seed, global step,
+    rank), so the model's own randomness (dropout) is a function of the step, without saving generator
+    states per rank; and the step Lightning logs under is set to the global step. (Lightning adds one to
+    its logging step when it restarts from a checkpoint written mid-step, by an error or a signal, so the
+    rows after such a resume would be shifted by one; the lab takes one optimizer step per batch, so the
+    two counters are the same number in an uninterrupted run.) Before every checkpoint, the metrics logged
+    so far are written out, so a kill right after it loses no row of a step the checkpoint holds."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        torch.manual_seed(derive_seed("step", self.seed, trainer.global_step, trainer.global_rank))
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+
+class StepCheckpoint(L.Callback):
+    """`path` (step.ckpt) every `every` optimizer steps, replaced atomically: a kill loses at most that many
+    steps. Written before a step rather than after one (as ModelCheckpoint(every_n_train_steps) does), so the
+    previous step's metrics are logged by then and a resumed run's metrics have no gap."""
+
+    def __init__(self, path: str | Path, every: int) -> None:
+        self.path, self.every = Path(path), every
+        self.saved_at = -1
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.saved_at = trainer.global_step  # a resumed run does not write its starting point again
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step % self.every == 0 and trainer.global_step != self.saved_at:
+            trainer.save_checkpoint(self.path)
+            self.saved_at = trainer.global_step
 
 
 class Throughput(L.Callback):
@@ -73,3 +118,25 @@ class DataReport(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.write(trainer)
+
+
+class InterruptCheckpoint(L.Callback):
+    """`path` (interrupted.ckpt) when an error or a preemption signal (SIGTERM) ends training, written by the
+    processes that hold the trained state; removed when the run ends normally.
+
+    Not Lightning's OnExceptionCheckpoint, for two reasons: with one, Lightning reads fit(ckpt_path=None) as
+    "continue from the last checkpoint in the folder" (a new run must never pick up files it finds), and under
+    ddp_spawn the launching process, which holds only the untrained model it started from, saves that model
+    (step 0) over the checkpoint of the ranks that trained."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+            return  # the ddp_spawn launcher
+        trainer.save_checkpoint(self.path)
+
+    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            self.path.unlink(missing_ok=True)
