@@ -15,6 +15,7 @@ class ModelConfig:
     force_quick_gelu: bool = False
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the two towers
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": trace only, to find a problem fast)
 
 
 @dataclass
@@ -27,6 +28,7 @@ class DataConfig:
     num_workers: int = 1
     pin_memory: Optional[bool] = None  # None: pin when a GPU is used
     persistent_workers: bool = True
+    prefetch_factor: int = 4  # batches each worker prepares ahead (with num_workers > 0)
     caption_sampling: str = "random"  # "random": any true caption each time; "first": the canonical one
     augment: bool = False  # use the model's training transform (random crops) instead of the eval transform
     options: Any = None
@@ -40,7 +42,8 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "32-true"
+    precision: Optional[str] = None  # None: bf16-mixed on a GPU that has bf16, else 32-true
+    benchmark: Optional[bool] = None  # cuDNN autotuning (None: on with a GPU, as open_clip's trainer sets it)
     max_epochs: int = 10
     max_steps: int = -1
     limit_train_batches: float = 1.0

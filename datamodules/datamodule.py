@@ -19,17 +19,20 @@ from datamodules.source import SOURCES, Source
 
 
 class CachedTokenizer:
-    """Tokenizes each distinct caption once; returns (N, L) token ids."""
+    """Tokenizes each distinct text once per context length (None: the tokenizer's own); returns (N, L) token ids.
+    Each DataLoader worker keeps its own cache, so with persistent workers a caption is tokenized once per worker."""
 
-    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
+    def __init__(self, tokenizer: Callable[..., torch.Tensor]) -> None:
         self.tokenizer = tokenizer
-        self.cache: dict[str, torch.Tensor] = {}
+        self.caches: dict[int | None, dict[str, torch.Tensor]] = {}
 
-    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+    def __call__(self, texts: Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        cache = self.caches.setdefault(context_length, {})
+        missing = [t for t in dict.fromkeys(texts) if t not in cache]
         if missing:
-            self.cache.update(zip(missing, self.tokenizer(missing)))
-        return torch.stack([self.cache[t] for t in texts])  # (N, L)
+            kwargs = {} if context_length is None else {"context_length": context_length}
+            cache.update(zip(missing, self.tokenizer(missing, **kwargs)))
+        return torch.stack([cache[t] for t in texts])  # (N, L)
 
 
 class CaptionDataset(Dataset):
@@ -160,9 +163,13 @@ class CaptionDataModule(L.LightningDataModule):
     def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
         workers = self.cfg.num_workers
         pin = torch.cuda.is_available() if self.cfg.pin_memory is None else self.cfg.pin_memory
+        # workers build batches ahead (prefetch_factor each) into pinned memory, so the copy to the GPU is
+        # asynchronous and the step never waits on decoding while the workers keep up
+        ahead = {"prefetch_factor": self.cfg.prefetch_factor} if workers > 0 else {}
         return DataLoader(
             self.dataset(split), batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
             pin_memory=pin, persistent_workers=workers > 0 and self.cfg.persistent_workers, collate_fn=collate,
+            **ahead,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -11,10 +11,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -48,6 +49,35 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, CaptionDataModule]:
     return module, dm
 
 
+def trainer_args(cfg: DictConfig) -> dict[str, Any]:
+    """Lightning Trainer arguments from cfg.trainer, with the GPU defaults filled in: bf16 mixed precision where the
+    GPU has bf16 (`precision: null`), cuDNN autotuning, and TF32 float32 matmuls (open_clip's trainer sets both)."""
+    args = dict(cfg.trainer)
+    on_gpu = args["accelerator"] in ("gpu", "cuda") or (args["accelerator"] == "auto" and torch.cuda.is_available())
+    if args["precision"] is None:
+        args["precision"] = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    if args["benchmark"] is None:
+        args["benchmark"] = True if on_gpu else None
+    if on_gpu:
+        torch.set_float32_matmul_precision("high")
+    return args
+
+
+def progress_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The progress bar, refreshed every `log_every_n_steps` on a GPU: it shows the loss, and reading a logged
+    tensor makes the host wait for the device, so refreshing every step would sync every step."""
+    if not cfg.trainer.enable_progress_bar:
+        return []
+    on_cpu = cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
+    return [TQDMProgressBar(refresh_rate=1 if on_cpu else max(1, cfg.trainer.log_every_n_steps))]
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
+    """The Trainer of a run (or of a measurement: `methods.perf`), with `callbacks` after the progress bar."""
+    return L.Trainer(**trainer_args(cfg), default_root_dir=run_dir, callbacks=[*progress_callbacks(cfg), *callbacks],
+                     **kwargs)
+
+
 def mark_done(run_dir: Path, trainer: L.Trainer) -> None:
     """`done.json`, written last and atomically: a run without it did not finish."""
     write_atomic(run_dir / "done.json", json.dumps({"global_step": trainer.global_step, "epochs": trainer.current_epoch,
@@ -65,11 +95,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None =
     module, dm = build(cfg)
     throughput = Throughput(run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    trainer = L.Trainer(
-        **cfg.trainer,
-        default_root_dir=run_dir,
-        logger=CSVLogger(run_dir, name="", version=""),
-        callbacks=[
+    trainer = make_trainer(
+        cfg, run_dir,
+        [
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
                             save_last=True, auto_insert_metric_name=False),
             # an exception or a preemption signal (SIGTERM) writes interrupted.ckpt before the process ends
@@ -78,6 +106,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None =
             throughput,
             DataReport(run_dir),
         ],
+        logger=CSVLogger(run_dir, name="", version=""),
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     if trainer.is_global_zero:
