@@ -38,14 +38,15 @@ class Throughput(L.Callback):
                            batch_idx: int) -> None:
         now = time.perf_counter()
         self.samples = batch["image"].shape[0] * trainer.world_size
-        if trainer.global_step > self.warmup:
-            if module.device.type == "cuda":
-                event = torch.cuda.Event(enable_timing=True)
-                event.record()
-                self.events[-1].append(event)
-            if self.last is not None:
-                self.host_times.append(now - self.last)
-                module.log("train/samples_per_sec", self.samples / self.host_times[-1], batch_size=1)
+        if trainer.global_step <= self.warmup:  # a measured step starts after the warm-up's last one ended
+            return
+        if module.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events[-1].append(event)
+        if self.last is not None:
+            self.host_times.append(now - self.last)
+            module.log("train/samples_per_sec", self.samples / self.host_times[-1], batch_size=1)
         self.last = now
 
     @property

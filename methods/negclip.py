@@ -22,6 +22,7 @@ from methods.losses import contrastive_loss
 
 # generated from a scene graph or tags, and "released": the negatives a data file ships (NegCLIP's TSV)
 NEGATIVE_KINDS = ("relation", "attribute", "noun", "shuffle", "released")
+SPEED_ONLY = ("compile", "compile_backend", "grad_checkpointing")  # model settings that change no feature
 
 
 @METHODS.register("negclip")
@@ -57,7 +58,8 @@ class NegCLIP(ContrastiveMethod):
     def neighbour_table(self, dataset: Any) -> Tensor:
         """(N, k) nearest neighbours of each training image by the starting model's image features,
         computed once per (data, model, seed) and cached."""
-        key = json.dumps([self.cfg.data.source, self.cfg.data.get("options"), self.cfg.model, self.cfg.seed,
+        model = {k: v for k, v in self.cfg.model.items() if k not in SPEED_ONLY}  # same weights, same neighbours
+        key = json.dumps([self.cfg.data.source, self.cfg.data.get("options"), model, self.cfg.seed,
                           self.mcfg.neighbours], sort_keys=True, default=str)
         path = Path(self.cfg.cache_dir) / f"neighbours-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
         if path.is_file():
