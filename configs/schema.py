@@ -29,6 +29,7 @@ class DataConfig:
     pin_memory: Optional[bool] = None  # None: pin when a GPU is used
     persistent_workers: bool = True
     prefetch_factor: int = 4  # batches each worker prepares ahead (with num_workers > 0)
+    normalize_on_device: Optional[bool] = None  # images cross as uint8, ToTensor+Normalize on the device (None: on a GPU)
     caption_sampling: str = "random"  # "random": any true caption each time; "first": the canonical one
     augment: bool = False  # use the model's training transform (random crops) instead of the eval transform
     options: Any = None

@@ -14,6 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.device_images import finish_images
+from datamodules.device_images import split as split_transform
 from datamodules.fields import FIELDS, FieldContext, check_source_offers
 from datamodules.source import SOURCES, Source
 
@@ -47,6 +49,12 @@ class CaptionDataset(Dataset):
         self.random_caption = caption_sampling == "random"
         self.builders = {name: FIELDS.get(name) for name in fields}
         self.field_options = field_options if field_options is not None else {}  # shared: filled in before fit
+        self.host_transform: Callable | None = None  # set by the loader: items end as uint8, normalised on the GPU
+
+    @property
+    def item_transform(self) -> Callable:
+        """What the items' images go through: the model transform, or its part before ToTensor (device_images)."""
+        return self.host_transform or self.transform
 
     def __len__(self) -> int:
         return len(self.source)
@@ -57,13 +65,14 @@ class CaptionDataset(Dataset):
             raise ValueError(f"{sample.key}: the sample has no caption")
         k = random.randrange(len(sample.captions)) if self.random_caption else 0
         item = {
-            "image": self.transform(sample.image),
+            "image": self.item_transform(sample.image),
             "text": self.tokenize([sample.captions[k]])[0],
             "caption": sample.captions[k],
             "graph": sample.graph,
             "index": index,
         }
-        ctx = FieldContext(self.tokenize, random, self.split, self.source, self.transform, index, self.field_options)
+        ctx = FieldContext(self.tokenize, random, self.split, self.source, self.item_transform, index,
+                           self.field_options)
         for name, build in self.builders.items():
             value = build(sample, k, ctx)
             if isinstance(value, dict):
@@ -126,6 +135,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.preprocess_train = preprocess_train if cfg.augment else preprocess_val
         self.preprocess_val = preprocess_val
         self.tokenize = CachedTokenizer(tokenizer)
+        # the transforms cut before ToTensor, for images that cross to the GPU as uint8 (None: cannot be cut)
+        self.host_parts = {"train": split_transform(self.preprocess_train), "eval": split_transform(self.preprocess_val)}
         self.extra_fields = tuple(extra_fields)
         self.field_options = dict(field_options or {})
         for name in self.extra_fields:
@@ -160,14 +171,30 @@ class CaptionDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate"):
             self.dataset("val")
 
+    def normalize_on_device(self) -> bool:
+        """Whether images cross to the device as uint8 (data.normalize_on_device; None: when training on a GPU)."""
+        if self.cfg.normalize_on_device is not None:
+            return self.cfg.normalize_on_device
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the device: ToTensor and Normalize of the images that came as uint8 (none unless normalize_on_device)."""
+        training = self.trainer is not None and self.trainer.training
+        part = self.host_parts["train" if training else "eval"]
+        return finish_images(batch, part.normalize) if part is not None and isinstance(batch, dict) else batch
+
     def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        dataset = self.dataset(split)
+        part = self.host_parts["train" if train else "eval"]
+        dataset.host_transform = part.host if part is not None and self.normalize_on_device() else None
         workers = self.cfg.num_workers
         pin = torch.cuda.is_available() if self.cfg.pin_memory is None else self.cfg.pin_memory
         # workers build batches ahead (prefetch_factor each) into pinned memory, so the copy to the GPU is
         # asynchronous and the step never waits on decoding while the workers keep up
         ahead = {"prefetch_factor": self.cfg.prefetch_factor} if workers > 0 else {}
         return DataLoader(
-            self.dataset(split), batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
+            dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
             pin_memory=pin, persistent_workers=workers > 0 and self.cfg.persistent_workers, collate_fn=collate,
             **ahead,
         )
