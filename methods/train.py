@@ -73,7 +73,7 @@ def progress_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
-    """The Trainer of a run (or of a measurement: `methods.perf`), with `callbacks` after the progress bar."""
+    """The Trainer of a run (or of a measurement: benchmarks/perf_rows.py), with `callbacks` after the progress bar."""
     return L.Trainer(**trainer_args(cfg), default_root_dir=run_dir, callbacks=[*progress_callbacks(cfg), *callbacks],
                      **kwargs)
 
