@@ -51,6 +51,7 @@ class ModelConfig:
     force_quick_gelu: bool = False
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the two towers
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": trace only, to find a problem fast)
 
 
 @dataclass
@@ -63,6 +64,8 @@ class DataConfig:
     num_workers: int = 1
     pin_memory: Optional[bool] = None  # None: pin when a GPU is used
     persistent_workers: bool = True
+    prefetch_factor: int = 4  # batches each worker prepares ahead (with num_workers > 0)
+    normalize_on_device: Optional[bool] = None  # images cross as uint8, ToTensor+Normalize on the device (None: on a GPU)
     caption_sampling: str = "random"  # "random": any true caption each time; "first": the canonical one
     augment: bool = False  # use the model's training transform (random crops) instead of the eval transform
     options: Any = None
@@ -79,7 +82,8 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "32-true"
+    precision: Optional[str] = None  # None: bf16-mixed on a GPU that has bf16, else 32-true
+    benchmark: Optional[bool] = None  # cuDNN autotuning (None: on with a GPU, as open_clip's trainer sets it)
     max_epochs: int = 10
     max_steps: int = -1
     limit_train_batches: float = 1.0
@@ -97,7 +101,7 @@ class TrainerConfig:
     LAB_KEYS: ClassVar[tuple[str, ...]] = ("checkpoint_every_n_steps",)
     RULES: ClassVar[dict[str, Rule]] = {
         "accelerator": registered("accelerator", _accelerators, ("auto", "gpu", "tpu")),
-        "strategy": registered("strategy", _strategies, ("auto",)), "precision": one_of(*PRECISIONS),
+        "strategy": registered("strategy", _strategies, ("auto",)), "precision": optional(one_of(*PRECISIONS)),
         "devices": _devices, "num_nodes": at_least(1), "max_epochs": at_least(1), "max_steps": steps_or_off,
         "limit_train_batches": _batch_limit, "limit_val_batches": at_least(0), "check_val_every_n_epoch": at_least(1),
         "log_every_n_steps": at_least(1), "gradient_clip_val": optional(above(0)), "num_sanity_val_steps": at_least(-1),

@@ -15,23 +15,28 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.device_images import finish_images
+from datamodules.device_images import split as split_transform
 from datamodules.fields import FIELDS, FieldContext, check_source_offers
 from datamodules.sampling import Draw, EpochSampler, ResumableLoader, derive_seed
 from datamodules.source import SOURCES, Source
 
 
 class CachedTokenizer:
-    """Tokenizes each distinct caption once; returns (N, L) token ids."""
+    """Tokenizes each distinct text once per context length (None: the tokenizer's own); returns (N, L) token ids.
+    Each DataLoader worker keeps its own cache, so with persistent workers a caption is tokenized once per worker."""
 
-    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
+    def __init__(self, tokenizer: Callable[..., torch.Tensor]) -> None:
         self.tokenizer = tokenizer
-        self.cache: dict[str, torch.Tensor] = {}
+        self.caches: dict[int | None, dict[str, torch.Tensor]] = {}
 
-    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+    def __call__(self, texts: Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        cache = self.caches.setdefault(context_length, {})
+        missing = [t for t in dict.fromkeys(texts) if t not in cache]
         if missing:
-            self.cache.update(zip(missing, self.tokenizer(missing)))
-        return torch.stack([self.cache[t] for t in texts])  # (N, L)
+            kwargs = {} if context_length is None else {"context_length": context_length}
+            cache.update(zip(missing, self.tokenizer(missing, **kwargs)))
+        return torch.stack([cache[t] for t in texts])  # (N, L)
 
 
 class CaptionDataset(Dataset):
@@ -51,6 +56,12 @@ class CaptionDataset(Dataset):
         self.builders = {name: FIELDS.get(name) for name in fields}
         self.field_options = field_options if field_options is not None else {}  # shared: filled in before fit
         self.seed, self.random_transform = seed, random_transform
+        self.host_transform: Callable | None = None  # set by the loader: items end as uint8, normalised on the GPU
+
+    @property
+    def item_transform(self) -> Callable:
+        """What the items' images go through: the model transform, or its part before ToTensor (device_images)."""
+        return self.host_transform or self.transform
 
     def __len__(self) -> int:
         return len(self.source)
@@ -58,10 +69,10 @@ class CaptionDataset(Dataset):
     def image(self, image: Any, seed: int) -> Any:
         """The transformed image; a random transform draws from torch's generator seeded for this item."""
         if not self.random_transform:
-            return self.transform(image)
+            return self.item_transform(image)
         with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
             torch.manual_seed(seed)
-            return self.transform(image)
+            return self.item_transform(image)
 
     def __getitem__(self, key: int | Draw) -> dict[str, Any]:
         index, epoch = (key.index, key.epoch) if isinstance(key, Draw) else (int(key), 0)
@@ -142,6 +153,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.preprocess_train = preprocess_train if cfg.augment else preprocess_val
         self.preprocess_val = preprocess_val
         self.tokenize = CachedTokenizer(tokenizer)
+        # the transforms cut before ToTensor, for images that cross to the GPU as uint8 (None: cannot be cut)
+        self.host_parts = {"train": split_transform(self.preprocess_train), "eval": split_transform(self.preprocess_val)}
         self.extra_fields = tuple(extra_fields)
         self.field_options = dict(field_options or {})
         for name in self.extra_fields:
@@ -178,11 +191,30 @@ class CaptionDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate"):
             self.dataset("val")
 
-    def _loader_options(self) -> dict[str, Any]:
+    def normalize_on_device(self) -> bool:
+        """Whether images cross to the device as uint8 (data.normalize_on_device; None: when training on a GPU)."""
+        if self.cfg.normalize_on_device is not None:
+            return self.cfg.normalize_on_device
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the device: ToTensor and Normalize of the images that came as uint8 (none unless normalize_on_device)."""
+        training = self.trainer is not None and self.trainer.training
+        part = self.host_parts["train" if training else "eval"]
+        return finish_images(batch, part.normalize) if part is not None and isinstance(batch, dict) else batch
+
+    def _loader_options(self, split: str) -> dict[str, Any]:
+        """The DataLoader options of a split; sets whether its items end as uint8 (normalised on the device)."""
+        part = self.host_parts["train" if split == "train" else "eval"]
+        self.dataset(split).host_transform = part.host if part is not None and self.normalize_on_device() else None
         workers = self.cfg.num_workers
         pin = torch.cuda.is_available() if self.cfg.pin_memory is None else self.cfg.pin_memory
+        # workers build batches ahead (prefetch_factor each) into pinned memory, so the copy to the GPU is
+        # asynchronous and the step never waits on decoding while the workers keep up
+        ahead = {"prefetch_factor": self.cfg.prefetch_factor} if workers > 0 else {}
         return {"num_workers": workers, "pin_memory": pin, "collate_fn": collate,
-                "persistent_workers": workers > 0 and self.cfg.persistent_workers}
+                "persistent_workers": workers > 0 and self.cfg.persistent_workers, **ahead}
 
     def train_dataloader(self) -> ResumableLoader:
         """Batches in an order drawn from (seed, epoch), this rank's shard, from the restored position if the run
@@ -192,7 +224,7 @@ class CaptionDataModule(L.LightningDataModule):
         sampler = EpochSampler(len(self.dataset("train")), self.cfg.batch_size, self.seed, rank, world)
         loader = ResumableLoader(self.dataset("train"), batch_size=self.cfg.batch_size, sampler=sampler,
                                  drop_last=True, position=self.training_position if self.trainer is not None else None,
-                                 **self._loader_options())
+                                 **self._loader_options("train"))
         if self.resume_from:
             loader.load_state_dict(self.resume_from)
             self.resume_from = None
@@ -223,10 +255,10 @@ class CaptionDataModule(L.LightningDataModule):
         self.resume_from = state.get("train_loader")
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset("val"), batch_size=self.cfg.eval_batch_size, **self._loader_options())
+        return DataLoader(self.dataset("val"), batch_size=self.cfg.eval_batch_size, **self._loader_options("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset("test"), batch_size=self.cfg.eval_batch_size, **self._loader_options())
+        return DataLoader(self.dataset("test"), batch_size=self.cfg.eval_batch_size, **self._loader_options("test"))
 
 
 def data_schema(name: str, node: DictConfig) -> DictConfig:

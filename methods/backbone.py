@@ -41,3 +41,26 @@ def create_backbone(cfg: DictConfig) -> tuple[torch.nn.Module, Callable, Callabl
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+def compile_towers(model: torch.nn.Module, backend: str = "inductor") -> list[str]:
+    """Compile the towers in place (`nn.Module.compile`): the whole vision tower, its transformer stack and the
+    text transformer stack. Every path through them runs compiled code: `encode_image` / `encode_text`, and a
+    method's own token-level path that calls `visual.transformer` or `transformer` directly (the stack alone
+    is compiled on its first direct call). Parameter names and checkpoints do not change. Returns what was
+    compiled."""
+    done = []
+    for name in ("visual", "visual.transformer", "transformer"):
+        module = model.get_submodule(name) if _has(model, name) else None
+        if isinstance(module, torch.nn.Module):
+            module.compile(backend=backend)
+            done.append(name)
+    return done
+
+
+def _has(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
@@ -131,18 +132,44 @@ def keep_old_metrics(run_dir: Path) -> None:
         metrics.rename(run_dir / f"metrics.part{k}.csv")
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, throughput: Throughput) -> L.Trainer:
-    """Lightning's Trainer with the lab's checkpoints (atomic, periodic, on signals and errors) and logs."""
+def trainer_args(cfg: DictConfig) -> dict[str, Any]:
+    """Lightning Trainer arguments from cfg.trainer (the lab's own keys left out), with the GPU defaults filled in:
+    bf16 mixed precision where the GPU has bf16 (`precision: null`), cuDNN autotuning, and TF32 float32 matmuls
+    (open_clip's trainer sets both)."""
+    args = {k: v for k, v in cfg.trainer.items() if k not in TrainerConfig.LAB_KEYS}
+    on_gpu = args["accelerator"] in ("gpu", "cuda") or (args["accelerator"] == "auto" and torch.cuda.is_available())
+    if args["precision"] is None:
+        args["precision"] = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    if args["benchmark"] is None:
+        args["benchmark"] = True if on_gpu else None
+    if on_gpu:
+        torch.set_float32_matmul_precision("high")
+    return args
+
+
+def progress_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The progress bar, refreshed every `log_every_n_steps` on a GPU: it shows the loss, and reading a logged
+    tensor makes the host wait for the device, so refreshing every step would sync every step."""
+    if not cfg.trainer.enable_progress_bar:
+        return []
+    on_cpu = cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
+    return [TQDMProgressBar(refresh_rate=1 if on_cpu else max(1, cfg.trainer.log_every_n_steps))]
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
+    """The Trainer of a run (or of a measurement: benchmarks/perf_rows.py), with `callbacks` after the progress bar."""
+    return L.Trainer(**trainer_args(cfg), default_root_dir=run_dir, callbacks=[*progress_callbacks(cfg), *callbacks],
+                     **kwargs)
+
+
+def run_trainer(cfg: DictConfig, run_dir: Path, throughput: Throughput) -> L.Trainer:
+    """A run's Trainer: the lab's checkpoints (atomic, periodic, on signals and errors), logs and reports."""
     ckpt_dir = run_dir / "checkpoints"
     every = cfg.trainer.checkpoint_every_n_steps
     periodic = [StepCheckpoint(ckpt_dir / "step.ckpt", every)] if every > 0 else []
-    return L.Trainer(
-        **{k: v for k, v in cfg.trainer.items() if k not in TrainerConfig.LAB_KEYS},
-        default_root_dir=run_dir,
-        plugins=[AtomicCheckpointIO()],
-        # logged rows reach the disk at once (and before every checkpoint, see ExactResume)
-        logger=CSVLogger(run_dir, name="", version="", flush_logs_every_n_steps=cfg.trainer.log_every_n_steps),
-        callbacks=[
+    return make_trainer(
+        cfg, run_dir,
+        [
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
                             save_last=True, auto_insert_metric_name=False),
             *periodic,
@@ -153,6 +180,9 @@ def make_trainer(cfg: DictConfig, run_dir: Path, throughput: Throughput) -> L.Tr
             throughput,
             DataReport(run_dir),
         ],
+        plugins=[AtomicCheckpointIO()],
+        # logged rows reach the disk at once (and before every checkpoint, see ExactResume)
+        logger=CSVLogger(run_dir, name="", version="", flush_logs_every_n_steps=cfg.trainer.log_every_n_steps),
     )
 
 
@@ -175,7 +205,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None =
     warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
     throughput = Throughput(run_dir)
-    trainer = make_trainer(cfg, run_dir, throughput)
+    trainer = run_trainer(cfg, run_dir, throughput)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     if trainer.is_global_zero:
         mark_done(run_dir, trainer)
