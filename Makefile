@@ -16,7 +16,8 @@ space   := $(empty) $(empty)
 SWEEP   ?= configs/sweep/compare.yaml
 SEEDS   ?=
 DATA    ?=
-.PHONY: help setup train bench compare sweep test clean-venv
+PERF    ?=
+.PHONY: help setup train bench compare sweep perf test clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -43,6 +44,9 @@ compare: $(VENV)/.ok ## train every registered method on one shared config (SEED
 
 sweep: $(VENV)/.ok ## run SWEEP=configs/sweep/<name>.yaml (resumable); ARGS="--print-commands" lists cluster jobs
 	$(PY) -m benchmarks.sweep $(SWEEP) $(ARGS)
+
+perf: $(VENV)/.ok ## training samples/s beside open_clip's own trainer (PERF=gpu|cpu, default: gpu if CUDA); results/perf-<time>/
+	$(PY) -m benchmarks.perf $(if $(PERF),perf=$(PERF)) $(ARGS)
 
 test: $(VENV)/.ok ## run the test suite (what CI runs)
 	$(PY) -m pytest -q

@@ -110,6 +110,18 @@ def latex_table(rows: list[dict[str, Any]], columns: list[str], caption: str = "
     return "\n".join(lines) + "\n"
 
 
+def run_curve(run: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of one logged metric over a run's whole history: a continued run keeps the metrics of its
+    earlier attempts in metrics.part<k>.csv, and its own rows replace theirs from the step it continued at."""
+    parts = sorted(run.glob("metrics.part*.csv"), key=lambda p: int(p.stem.removeprefix("metrics.part") or 0))
+    points: dict[int, float] = {}
+    for path in [*parts, run / "metrics.csv"]:
+        if path.is_file():
+            with open(path) as f:
+                points |= {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+    return sorted(points.items())
+
+
 def curves_chart(runs: dict[str, Path], path: Path) -> None:
     """Training loss per step and held-out loss per validation, one line per run, from each run's metrics.csv."""
     from matplotlib.figure import Figure
@@ -117,10 +129,7 @@ def curves_chart(runs: dict[str, Path], path: Path) -> None:
     fig = Figure(figsize=(10, 4))
     ax_train, ax_val = fig.subplots(1, 2)
     for label, run in runs.items():
-        with open(Path(run) / "metrics.csv") as f:
-            rows = list(csv.DictReader(f))
-        train = [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
-        val = [(int(r["step"]), float(r["val/loss"])) for r in rows if r.get("val/loss")]
+        train, val = run_curve(Path(run), "train/loss"), run_curve(Path(run), "val/loss")
         if train:
             ax_train.plot(*zip(*train), label=label, linewidth=1)
         if val:

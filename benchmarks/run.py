@@ -1,6 +1,8 @@
 """Evaluate runs: `python -m benchmarks.run bench=syn [runs=[runs/clip/2026...]] [ckpt=last]`.
 
 Without `runs`, the latest run of every method under runs_dir that has the checkpoint is evaluated.
+With `model=<name>` (a configs/model/ file, e.g. `model=vitb32_quickgelu model.pretrained=/path/ViT-B-32.pt`)
+that bare model is evaluated as vanilla CLIP instead, with no training run (zero-shot).
 Results go into a new folder under out_dir (never over an old one): results.md, results.csv, one chart
 per benchmark family and per-benchmark detail CSVs; the table is printed.
 """
@@ -16,9 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 
 import configs
 from configs.files import new_folder
+from configs.schema import ModelConfig, TrainConfig
 from benchmarks.base import BENCHMARKS, BenchContext
 from benchmarks.report import format_table, write_report
 from methods import METHODS
+from methods.checkpoints import read_checkpoint
+from methods.train import saved_config
+
+# `model=<name>` in the bench job selects configs/model/<name>.yaml, typed like a training run's model
+SCHEMAS = {"model": lambda name, node: OmegaConf.structured(ModelConfig)}
 
 
 def find_runs(cfg: DictConfig) -> list[Path]:
@@ -42,7 +50,7 @@ def find_runs(cfg: DictConfig) -> list[Path]:
 
 def load_run(run: Path, ckpt: str, device: torch.device):
     """The run's method module with the checkpoint's weights (loaded with weights_only=True: no unpickling)."""
-    run_cfg = OmegaConf.load(run / "config.yaml")
+    run_cfg = saved_config(run)  # named if damaged; keys added since the run take their defaults
     path = run / "checkpoints" / f"{ckpt}.ckpt"
     if not path.is_file():
         raise FileNotFoundError(f"{run}: no checkpoint {path.name}")
@@ -51,17 +59,6 @@ def load_run(run: Path, ckpt: str, device: torch.device):
     module = METHODS.get(run_cfg.method.name)(plain)
     module.load_state_dict(read_checkpoint(path)["state_dict"])
     return module.to(device).eval(), run_cfg
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A checkpoint's contents, loaded with weights_only=True; a truncated or foreign file is named, not unpickled."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError or EOFError depending on the damage
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict)")
-    return state
 
 
 def new_out_dir(cfg: DictConfig) -> Path:
@@ -78,12 +75,28 @@ def bench_run(run: Path, cfg: DictConfig, device: torch.device, details_dir: Pat
               ) -> tuple[list[dict], dict[str, list[str]], list[str]]:
     """Every benchmark of cfg.bench on one run, once per evaluation variant of its method (one row each)."""
     module, run_cfg = load_run(run, cfg.ckpt, device)
+    return bench_module(module, run_cfg, cfg, str(run), run.name, details_dir)
+
+
+def bare_model(cfg: DictConfig, device: torch.device):
+    """Vanilla CLIP built from cfg.model with no training run and no checkpoint (e.g. zero-shot OpenAI
+    ViT-B/32 from a local file, the baseline of every ARO table), and the config it was built from."""
+    run_cfg = OmegaConf.structured(TrainConfig)
+    run_cfg.method = {"name": "clip"}
+    run_cfg.model = cfg.model
+    module = METHODS.get("clip")(configs.to_plain(run_cfg))
+    return module.to(device).eval(), run_cfg
+
+
+def bench_module(module, run_cfg: DictConfig, cfg: DictConfig, run_label: str, file_label: str,
+                 details_dir: Path | None = None) -> tuple[list[dict], dict[str, list[str]], list[str]]:
+    """Every benchmark of cfg.bench on a loaded method module, once per evaluation variant (one row each)."""
     rows, families, notes = [], {}, []
     for variant, settings in module.eval_variants().items():
         module.set_eval_variant(**settings)
         method = run_cfg.method.name + (f"/{variant}" if variant else "")
         ctx = BenchContext(module, module.preprocess_val, run_cfg, cfg.bench)
-        row = {"method": method, "run": str(run), "seed": run_cfg.seed}
+        row = {"method": method, "run": run_label, "seed": run_cfg.seed}
         for name in cfg.bench.benchmarks:
             result = BENCHMARKS.get(name)(ctx)
             row.update(result.metrics)
@@ -91,7 +104,7 @@ def bench_run(run: Path, cfg: DictConfig, device: torch.device, details_dir: Pat
             families[result.family] += [m for m in result.metrics if m not in families[result.family]]
             notes += [n for n in result.notes if n not in notes]
             if result.details and details_dir is not None:
-                write_details(details_dir / f"{name}-{method.replace('/', '-')}-{run.name}.csv", result.details)
+                write_details(details_dir / f"{name}-{method.replace('/', '-')}-{file_label}.csv", result.details)
         rows.append(row)
     return rows, families, notes
 
@@ -103,17 +116,31 @@ def merge_families(into: dict[str, list[str]], more: dict[str, list[str]]) -> No
 
 
 def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, list[str]], list[str], Path]:
-    """Run every benchmark of the bench config on every run; returns rows, families, notes and the out folder."""
+    """Run every benchmark of the bench config on every run (or on the bare `model`); returns rows, families,
+    notes and the out folder. A call that fails leaves no empty out folder behind."""
     for name in cfg.bench.benchmarks:
         BENCHMARKS.get(name)  # unknown names fail before any model is loaded
-    runs = find_runs(cfg)
+    if cfg.model is not None and cfg.runs:
+        raise ValueError("give either runs=[...] (trained runs) or model=<name> (a bare model), not both")
+    runs = find_runs(cfg) if cfg.model is None else []
     out = new_out_dir(cfg)
-    rows, families, notes = [], {}, []
-    for run in runs:
-        r, f, n = bench_run(run, cfg, device_for(cfg.device), out)
-        rows += r
-        merge_families(families, f)
-        notes += [x for x in n if x not in notes]
+    try:
+        rows, families, notes = [], {}, []
+        if cfg.model is not None:
+            module, run_cfg = bare_model(cfg, device_for(cfg.device))
+            label = f"{cfg.model.name} ({cfg.model.pretrained or 'random init'})"
+            rows, families, notes = bench_module(module, run_cfg, cfg, label, "bare-model", out)
+            for row in rows:
+                row.update(method=f"{row['method']}/zero-shot", seed=None)
+        for run in runs:
+            r, f, n = bench_run(run, cfg, device_for(cfg.device), out)
+            rows += r
+            merge_families(families, f)
+            notes += [x for x in n if x not in notes]
+    except BaseException:
+        if not any(out.iterdir()):
+            out.rmdir()
+        raise
     return rows, families, notes, out
 
 
@@ -126,9 +153,10 @@ def write_details(path: Path, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = configs.compose("bench", sys.argv[1:] if argv is None else argv)
+        cfg = configs.compose("bench", sys.argv[1:] if argv is None else argv, schemas=SCHEMAS)
+        configs.validate(cfg)
         rows, families, notes, out = evaluate(cfg)
-    except (configs.ConfigError, KeyError, FileNotFoundError, ValueError) as e:
+    except (configs.ConfigError, KeyError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     paths = write_report(rows, out, families=families, title=f"clipcomp: {cfg.bench.name}", notes=notes)

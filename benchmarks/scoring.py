@@ -10,6 +10,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from datamodules.images import BadInput
+
 Ties = Literal["wrong", "right"]
 TIE_RULES = ("wrong", "right")
 
@@ -46,18 +48,63 @@ def _checked(feats: Tensor, rows: int, what: str) -> Tensor:
     return feats.float().cpu()
 
 
-def encode_image_dataset(model: Encoder, images: Dataset | Sequence[Tensor], batch_size: int = 256,
-                         num_workers: int = 0, desc: str = "images", amp: bool = False) -> Tensor:
-    """Features (N, D) of every image, each encoded exactly once and in order, as float32 on the CPU."""
-    if len(images) == 0:  # type: ignore[arg-type]
+class _Guarded(Dataset):
+    """Items of `dataset` as (item, None), or (None, message) when building one raises BadInput: a bad image read
+    in a worker process comes back as its own message, not as a wrapped worker traceback."""
+
+    def __init__(self, dataset: Dataset | Sequence[Tensor]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Tensor | None, str | None]:
+        try:
+            return self.dataset[i], None
+        except BadInput as e:
+            return None, str(e)
+
+
+def _collate_guarded(batch: list[tuple[Tensor | None, str | None]]) -> tuple[Tensor | None, list[str | None]]:
+    good = [x for x, err in batch if err is None]
+    return (torch.stack(good) if good else None), [err for _, err in batch]  # (b_ok, 3, H, W), b messages
+
+
+def encode_images_guarded(model: Encoder, images: Dataset | Sequence[Tensor], batch_size: int = 256,
+                          num_workers: int = 0, desc: str = "images", amp: bool = False
+                          ) -> tuple[Tensor, list[str | None]]:
+    """Features (N, D) of every image, each encoded exactly once and in order, as float32 on the CPU, and per
+    image None or the BadInput message raised while reading it (its feature row is then zeros). Callers decide
+    whether a bad image stops the run or skips its records (datamodules.images.BadRecords)."""
+    n = len(images)  # type: ignore[arg-type]
+    if n == 0:
         raise ValueError("no images to encode")
     device = _device(model)
-    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    out = []
+    loader = DataLoader(_Guarded(images), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate_guarded, pin_memory=device.type == "cuda")
+    feats, errors = None, []
     with torch.no_grad(), _precision(device, amp):
-        for batch in tqdm(loader, desc=desc, disable=len(loader) < 2, leave=False):  # batch: (B, 3, H, W)
-            out.append(_checked(model.encode_images(batch.to(device)), len(batch), desc))
-    return torch.cat(out)  # (N, D)
+        for batch, errs in tqdm(loader, desc=desc, disable=len(loader) < 2, leave=False):
+            rows = torch.tensor([len(errors) + i for i, e in enumerate(errs) if e is None], dtype=torch.long)
+            errors += errs
+            if batch is None:
+                continue
+            out = _checked(model.encode_images(batch.to(device, non_blocking=True)), len(batch), desc)  # (b_ok, D)
+            if feats is None:
+                feats = torch.zeros(n, out.shape[1])
+            feats[rows] = out  # (b_ok, D) into (N, D)
+    return (feats if feats is not None else torch.zeros(n, 0)), errors
+
+
+def encode_image_dataset(model: Encoder, images: Dataset | Sequence[Tensor], batch_size: int = 256,
+                         num_workers: int = 0, desc: str = "images", amp: bool = False) -> Tensor:
+    """Features (N, D) of every image, each encoded exactly once and in order, as float32 on the CPU; an image
+    that cannot be read stops the run with its BadInput message."""
+    feats, errors = encode_images_guarded(model, images, batch_size, num_workers, desc, amp)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise BadInput(first)
+    return feats  # (N, D)
 
 
 def encode_unique_texts(model: Encoder, texts: Sequence[str], graphs: Sequence | None = None, batch_size: int = 256,

@@ -5,8 +5,9 @@ mean and spread over seeds and the difference to the baseline.
 
 A sweep file names `base` overrides (applied to every cell), a `grid` (key -> values; the cells are the
 product, and `method: all` means every registered method) and `seeds`. Each cell trains into its own folder
-under <out_dir>/<name>/cells/<cell>/ and writes result.json when benchmarked; a sweep started again skips
-the cells that finished, benchmarks a cell whose run finished, and redoes the rest. The cell folder's
+<out_dir>/<name>/cells/<cell>/run/ and writes result.json when benchmarked; a sweep started again skips
+the cells that finished, benchmarks a cell whose run finished, and continues the rest from their last
+checkpoints (a cell job printed by --print-commands and requeued after a kill does the same). The cell folder's
 name carries a hash of the cell's overrides, so changed settings never reuse old results.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ def load_spec(path: str | Path, argv: list[str]) -> SweepSpec:
     if not path.is_file():
         names = ", ".join(p.name for p in sorted((configs.CONFIG_DIR / "sweep").glob("*.yaml")))
         raise configs.ConfigError(f"sweep file {path} not found; shipped: {names}")
-    spec = configs._merge(OmegaConf.structured(SweepSpec), OmegaConf.load(path), str(path))
+    spec = configs._merge(OmegaConf.structured(SweepSpec), configs.load_yaml(path), str(path))
     extra = []
     for token in argv:
         key = token.split("=", 1)[0]
@@ -80,16 +81,43 @@ def cells(spec: SweepSpec) -> list[tuple[str, dict[str, Any], list[str]]]:
     return out
 
 
+def cell_run_args(cell_dir: Path) -> list[str]:
+    """The cell's run has a fixed folder: a cell killed mid-training continues from its last checkpoint."""
+    return [f"runs_dir={cell_dir / 'runs'}", f"run_dir={cell_dir / 'run'}"]
+
+
 def finished_run(cell_dir: Path) -> Path | None:
-    done = sorted(cell_dir.glob("runs/*/*/done.json"))
+    done = sorted(cell_dir.glob("run/done.json")) or sorted(cell_dir.glob("runs/*/*/done.json"))  # (older layout)
     return done[-1].parent if done else None
 
 
+def read_result(cell_dir: Path) -> dict[str, Any] | None:
+    """A finished cell's result.json, or None if there is none. A damaged one (cut short, not JSON) is named,
+    kept aside as result.damaged-<k>.json, and the cell is benchmarked again."""
+    path = cell_dir / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        if not isinstance(result, dict) or not isinstance(result.get("rows"), list):
+            raise ValueError("no 'rows' list")
+        return result
+    except (ValueError, UnicodeDecodeError) as e:
+        k = 1
+        while (cell_dir / f"result.damaged-{k}.json").exists():
+            k += 1
+        path.rename(cell_dir / f"result.damaged-{k}.json")
+        print(f"[sweep] {path}: damaged result ({type(e).__name__}: {e}); kept as result.damaged-{k}.json, "
+              "benchmarking the cell again", file=sys.stderr)
+        return None
+
+
 def run_cell(cell_dir: Path, overrides: list[str], bench_cfg: Any) -> dict[str, Any]:
-    """Train (unless a finished run is there) and benchmark one cell; result.json marks it done."""
+    """Train (unless a finished run is there; continuing an unfinished one) and benchmark one cell;
+    result.json marks it done."""
     run = finished_run(cell_dir)
     if run is None:
-        run = train(compose_train(overrides + [f"runs_dir={cell_dir / 'runs'}"]))
+        run = train(compose_train(overrides + cell_run_args(cell_dir)))
     rows, families, notes = bench_run(run, bench_cfg, device_for(bench_cfg.device))
     result = {"overrides": overrides, "run": str(run), "rows": rows, "families": families, "notes": notes}
     write_atomic(cell_dir / "result.json", json.dumps(result, indent=2))
@@ -187,25 +215,24 @@ def main(argv: list[str] | None = None) -> int:
         bench_cfg = configs.compose("bench", [f"bench={spec.bench}"])
         todo = cells(spec)
         for _, _, overrides in todo:
-            compose_train(overrides)  # every cell's config is valid before anything runs
-    except (configs.ConfigError, KeyError) as e:
+            configs.validate(compose_train(overrides))  # every cell's config is valid before anything runs
+    except (configs.ConfigError, KeyError, FileNotFoundError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     root = Path(spec.out_dir) / spec.name / "cells"
     if "--print-commands" in flags:  # one cluster job per cell; run the sweep again afterwards to report
         for name, _, overrides in todo:
             if not (root / name / "result.json").is_file():
-                print(" ".join(["python -m methods.train", *map(shlex.quote, overrides),
-                                shlex.quote(f"runs_dir={root / name / 'runs'}")]))
+                print(" ".join(["python -m methods.train", *map(shlex.quote, overrides + cell_run_args(root / name))]))
         return 0
     max_cells = next((int(f.split("=", 1)[1]) for f in flags if f.startswith("--max-cells=")), None)
     results, ran = [], 0
     for name, point, overrides in todo:
         cell_dir = root / name
-        done = cell_dir / "result.json"
-        if done.is_file():
+        done = read_result(cell_dir)
+        if done is not None:
             print(f"[sweep] {name}: done before, skipped")
-            results.append((point, json.loads(done.read_text())))
+            results.append((point, done))
             continue
         if max_cells is not None and ran >= max_cells:
             print(f"[sweep] stopping after {ran} cell(s) (--max-cells)")

@@ -32,7 +32,7 @@ def world(ctx: BenchContext) -> ShapesWorld:
     def make() -> ShapesWorld:
         options = OmegaConf.structured(ShapesWorld.Config)
         data = ctx.run_cfg.get("data", {})
-        if data.get("source") == "shapes":
+        if data.get("source") == "shapes" and data.get("options"):  # a bare model (no run) has no options
             options = OmegaConf.merge(options, data.options)
         if ctx.spec.get("data"):
             options = OmegaConf.merge(options, ctx.spec.data)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from configs.checks import validate
 from configs.schema import BenchConfig, TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -23,7 +24,7 @@ GroupSchema = Callable[[str, DictConfig], DictConfig]
 
 
 class ConfigError(ValueError):
-    """A config that cannot run: unknown group file, unknown key, wrong type."""
+    """A config that cannot run: unknown group file, unknown key, wrong type, impossible value."""
 
 
 def group_names(group: str) -> list[str]:
@@ -31,11 +32,28 @@ def group_names(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
+def load_yaml(path: str | Path) -> DictConfig:
+    """A YAML mapping from a file; a file that is missing, damaged or not a mapping is named, with the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml's scanner and parser errors, OmegaConf's own
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not readable YAML{where} ({type(e).__name__}: "
+                          f"{getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {type(node).__name__}")
+    return node
+
+
 def load_group(group: str, name: str) -> DictConfig:
     path = CONFIG_DIR / group / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown {group} '{name}'; available: {', '.join(group_names(group))}")
-    return OmegaConf.load(path)
+    return load_yaml(path)
 
 
 def _valid_keys(cfg: DictConfig, dotted: str) -> str:
@@ -72,6 +90,8 @@ def compose(root: str, argv: list[str] | tuple[str, ...] = (), schemas: Mapping[
     cfg = OmegaConf.structured(ROOTS[root])
     cfg = _merge(cfg, base, f"configs/{root}.yaml")
     for group, name in defaults.items():
+        if name is None:  # an optional group nobody selected (e.g. the bench job's bare `model`)
+            continue
         node = load_group(group, str(name))
         typed = schemas[group](str(name), node) if group in schemas else cfg[group]
         what = f"configs/{group}/{name}.yaml"

@@ -1,7 +1,10 @@
 """Writing that never loses or overwrites anything: fresh folders and atomic files."""
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
+from typing import IO, Iterator
 
 
 def new_folder(base: str | Path) -> Path:
@@ -17,9 +20,36 @@ def new_folder(base: str | Path) -> Path:
     raise RuntimeError(f"could not create a new folder next to {base}")
 
 
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file beside `path` for writing; on success it is flushed to disk and renamed over
+    `path`, on any failure (a full disk, a crash mid-write) it is removed and `path` is left as it was.
+
+    The temporary file is in the same folder, so the rename is atomic (a temporary file elsewhere, as in
+    fsspec's transactions, is copied across file systems, and a kill mid-copy leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:  # name the file: "No space left on device" alone is not
+            raise OSError(e.errno, f"{e.strerror}: writing {path} (nothing replaced; the previous file is intact)"
+                          ) from e
+        raise
+    with contextlib.suppress(OSError):  # the rename itself reaches the disk with its folder's entry
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_atomic(path: str | Path, text: str) -> None:
     """Write then rename: a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_open(path, "w") as f:
+        f.write(text)

@@ -1,5 +1,5 @@
 """Data layer: the scene-graph type, sources (each registers itself on import), negatives, the DataModule."""
-from datamodules import negclip_tsv, shapes  # noqa: F401  (each import registers a source)
+from datamodules import coco, negclip_tsv, shapes, visual_genome  # noqa: F401  (each import registers a source)
 from datamodules.datamodule import CaptionDataModule, data_schema
 from datamodules.fields import FIELDS
 from datamodules.graph import Entity, Relation, SceneGraph

@@ -6,6 +6,7 @@ each name is looked up in `FIELDS`, whose builders make one value per sample.
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Callable, Sequence
 
@@ -14,53 +15,81 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.fields import FIELDS, FieldContext
+from datamodules.device_images import finish_images
+from datamodules.device_images import split as split_transform
+from datamodules.fields import FIELDS, FieldContext, check_source_offers
+from datamodules.sampling import Draw, EpochSampler, ResumableLoader, derive_seed
 from datamodules.source import SOURCES, Source
 
 
 class CachedTokenizer:
-    """Tokenizes each distinct caption once; returns (N, L) token ids."""
+    """Tokenizes each distinct text once per context length (None: the tokenizer's own); returns (N, L) token ids.
+    Each DataLoader worker keeps its own cache, so with persistent workers a caption is tokenized once per worker."""
 
-    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
+    def __init__(self, tokenizer: Callable[..., torch.Tensor]) -> None:
         self.tokenizer = tokenizer
-        self.cache: dict[str, torch.Tensor] = {}
+        self.caches: dict[int | None, dict[str, torch.Tensor]] = {}
 
-    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+    def __call__(self, texts: Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        cache = self.caches.setdefault(context_length, {})
+        missing = [t for t in dict.fromkeys(texts) if t not in cache]
         if missing:
-            self.cache.update(zip(missing, self.tokenizer(missing)))
-        return torch.stack([self.cache[t] for t in texts])  # (N, L)
+            kwargs = {} if context_length is None else {"context_length": context_length}
+            cache.update(zip(missing, self.tokenizer(missing, **kwargs)))
+        return torch.stack([cache[t] for t in texts])  # (N, L)
 
 
 class CaptionDataset(Dataset):
-    """Image-caption pairs from a source: one true caption per image each time it is drawn."""
+    """Image-caption pairs from a source: one true caption per image each time it is drawn.
+
+    A key is an index (epoch 0) or a `Draw` (index, epoch). Every random choice for the item (the caption,
+    the fields' negatives and neighbours, a random crop) comes from a generator seeded by (seed, epoch,
+    index), so an item is the same whichever worker builds it and whether or not the run was resumed."""
 
     def __init__(self, source: Source, transform: Callable, tokenize: CachedTokenizer, *, split: str,
                  caption_sampling: str = "first", fields: Sequence[str] = (),
-                 field_options: dict[str, Any] | None = None) -> None:
+                 field_options: dict[str, Any] | None = None, seed: int = 0, random_transform: bool = False) -> None:
         if caption_sampling not in ("random", "first"):
             raise ValueError(f"caption_sampling must be 'random' or 'first', got '{caption_sampling}'")
         self.source, self.transform, self.tokenize, self.split = source, transform, tokenize, split
         self.random_caption = caption_sampling == "random"
         self.builders = {name: FIELDS.get(name) for name in fields}
         self.field_options = field_options if field_options is not None else {}  # shared: filled in before fit
+        self.seed, self.random_transform = seed, random_transform
+        self.host_transform: Callable | None = None  # set by the loader: items end as uint8, normalised on the GPU
+
+    @property
+    def item_transform(self) -> Callable:
+        """What the items' images go through: the model transform, or its part before ToTensor (device_images)."""
+        return self.host_transform or self.transform
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def image(self, image: Any, seed: int) -> Any:
+        """The transformed image; a random transform draws from torch's generator seeded for this item."""
+        if not self.random_transform:
+            return self.item_transform(image)
+        with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
+            torch.manual_seed(seed)
+            return self.item_transform(image)
+
+    def __getitem__(self, key: int | Draw) -> dict[str, Any]:
+        index, epoch = (key.index, key.epoch) if isinstance(key, Draw) else (int(key), 0)
+        rng = random.Random(derive_seed("item", self.seed, self.split, epoch, index))
         sample = self.source[index]
         if not sample.captions:
             raise ValueError(f"{sample.key}: the sample has no caption")
-        k = random.randrange(len(sample.captions)) if self.random_caption else 0
+        k = rng.randrange(len(sample.captions)) if self.random_caption else 0
         item = {
-            "image": self.transform(sample.image),
+            "image": self.image(sample.image, rng.getrandbits(63)),
             "text": self.tokenize([sample.captions[k]])[0],
             "caption": sample.captions[k],
             "graph": sample.graph,
             "index": index,
         }
-        ctx = FieldContext(self.tokenize, random, self.split, self.source, self.transform, index, self.field_options)
+        transform = lambda image: self.image(image, rng.getrandbits(63))  # noqa: E731  (seeded from this item)
+        ctx = FieldContext(self.tokenize, rng, self.split, self.source, transform, index, self.field_options)
         for name, build in self.builders.items():
             value = build(sample, k, ctx)
             if isinstance(value, dict):
@@ -103,27 +132,36 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def source_options(cfg: DictConfig) -> Any:
+    """The source's options as its own Config object."""
+    return OmegaConf.to_object(cfg.options) if isinstance(cfg.options, DictConfig) else cfg.options
+
+
 def build_source(cfg: DictConfig, split: str) -> Source:
     """The registered source named by cfg.source, for one split, with its typed options."""
-    options = OmegaConf.to_object(cfg.options) if isinstance(cfg.options, DictConfig) else cfg.options
-    return SOURCES.get(cfg.source)(options, split)
+    return SOURCES.get(cfg.source)(source_options(cfg), split)
 
 
 class CaptionDataModule(L.LightningDataModule):
     """Serves any source through the model's preprocessing and tokenizer, plus the fields a method asks for."""
 
     def __init__(self, cfg: DictConfig, *, preprocess_train: Callable, preprocess_val: Callable,
-                 tokenizer: Callable, extra_fields: Sequence[str] = (), field_options: dict[str, Any] | None = None) -> None:
+                 tokenizer: Callable, extra_fields: Sequence[str] = (), field_options: dict[str, Any] | None = None,
+                 seed: int = 0) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.seed = cfg, seed
         self.preprocess_train = preprocess_train if cfg.augment else preprocess_val
         self.preprocess_val = preprocess_val
         self.tokenize = CachedTokenizer(tokenizer)
+        # the transforms cut before ToTensor, for images that cross to the GPU as uint8 (None: cannot be cut)
+        self.host_parts = {"train": split_transform(self.preprocess_train), "eval": split_transform(self.preprocess_val)}
         self.extra_fields = tuple(extra_fields)
         self.field_options = dict(field_options or {})
         for name in self.extra_fields:
             FIELDS.get(name)  # an unknown field fails now, listing the known ones
         self.datasets: dict[str, CaptionDataset] = {}
+        self.train_loader: ResumableLoader | None = None
+        self.resume_from: dict[str, int] | None = None  # the train loader's state in a checkpoint, used once
 
     def dataset(self, split: str) -> CaptionDataset:
         if split not in self.datasets:
@@ -132,32 +170,95 @@ class CaptionDataModule(L.LightningDataModule):
                 build_source(self.cfg, split), self.preprocess_train if train else self.preprocess_val, self.tokenize,
                 split=split, caption_sampling=self.cfg.caption_sampling if train else "first",
                 fields=self.extra_fields if train else (),  # validation and test use the plain pairs
-                field_options=self.field_options,
+                field_options=self.field_options, seed=self.seed, random_transform=train and self.cfg.augment,
             )
+            if train and self.extra_fields and len(self.datasets[split]):
+                check_source_offers(self.extra_fields, self.datasets[split].source[0], self.cfg.source)
         return self.datasets[split]
+
+    def prepare_data(self) -> None:
+        """The source's one-time work (e.g. parsing annotation files into a cache), on rank 0 before `setup`."""
+        prepare = getattr(SOURCES.get(self.cfg.source), "prepare", None)
+        if prepare is not None:
+            prepare(source_options(self.cfg))
+
+    def data_report(self) -> dict[str, Any]:
+        """Per split: what the source left out (skipped bad records, replaced images, excluded ids), if it says."""
+        return {split: ds.source.report() for split, ds in self.datasets.items() if hasattr(ds.source, "report")}
 
     def setup(self, stage: str | None = None) -> None:
         self.dataset("train" if stage in (None, "fit") else "test")
         if stage in (None, "fit", "validate"):
             self.dataset("val")
 
-    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+    def normalize_on_device(self) -> bool:
+        """Whether images cross to the device as uint8 (data.normalize_on_device; None: when training on a GPU)."""
+        if self.cfg.normalize_on_device is not None:
+            return self.cfg.normalize_on_device
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the device: ToTensor and Normalize of the images that came as uint8 (none unless normalize_on_device)."""
+        training = self.trainer is not None and self.trainer.training
+        part = self.host_parts["train" if training else "eval"]
+        return finish_images(batch, part.normalize) if part is not None and isinstance(batch, dict) else batch
+
+    def _loader_options(self, split: str) -> dict[str, Any]:
+        """The DataLoader options of a split; sets whether its items end as uint8 (normalised on the device)."""
+        part = self.host_parts["train" if split == "train" else "eval"]
+        self.dataset(split).host_transform = part.host if part is not None and self.normalize_on_device() else None
         workers = self.cfg.num_workers
         pin = torch.cuda.is_available() if self.cfg.pin_memory is None else self.cfg.pin_memory
-        return DataLoader(
-            self.dataset(split), batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
-            pin_memory=pin, persistent_workers=workers > 0 and self.cfg.persistent_workers, collate_fn=collate,
-        )
+        # workers build batches ahead (prefetch_factor each) into pinned memory, so the copy to the GPU is
+        # asynchronous and the step never waits on decoding while the workers keep up
+        ahead = {"prefetch_factor": self.cfg.prefetch_factor} if workers > 0 else {}
+        return {"num_workers": workers, "pin_memory": pin, "collate_fn": collate,
+                "persistent_workers": workers > 0 and self.cfg.persistent_workers, **ahead}
 
-    def train_dataloader(self) -> DataLoader:
-        # drop_last: every rank must gather features of the same shape, or the collective stalls
-        return self._loader("train", self.cfg.batch_size, train=True)
+    def train_dataloader(self) -> ResumableLoader:
+        """Batches in an order drawn from (seed, epoch), this rank's shard, from the restored position if the run
+        was resumed. Full batches only: every rank must gather features of the same shape, or the collective
+        stalls."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        sampler = EpochSampler(len(self.dataset("train")), self.cfg.batch_size, self.seed, rank, world)
+        loader = ResumableLoader(self.dataset("train"), batch_size=self.cfg.batch_size, sampler=sampler,
+                                 drop_last=True, position=self.training_position if self.trainer is not None else None,
+                                 **self._loader_options("train"))
+        if self.resume_from:
+            loader.load_state_dict(self.resume_from)
+            self.resume_from = None
+        self.train_loader = loader
+        return loader
+
+    def training_position(self) -> dict[str, int]:
+        """Where the weights the trainer holds now are in the data: the epoch, the batches of it consumed and
+        the batches the loop runs per epoch. One optimizer step per batch (the lab has no gradient
+        accumulation), so the steps taken this epoch are the batches consumed."""
+        t = self.trainer
+        per_epoch = int(t.num_training_batches)
+        return {"epoch": t.current_epoch, "batches": t.global_step - t.current_epoch * per_epoch,
+                "batches_per_epoch": per_epoch}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint Lightning writes while fitting: the training position of its weights."""
+        t = self.trainer
+        if self.train_loader is None or t is None or t.state.fn != "fit" or not math.isfinite(t.num_training_batches):
+            return {}
+        return {"train_loader": self.train_loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Lightning restores this before it builds the training loader (for single-device and DDP strategies),
+        so the loader starts where the checkpoint's weights stopped. (Lightning 2.6 restores a stateful loader
+        itself only when configure_optimizers does not read estimated_stepping_batches, Lightning issue
+        #20550; the lab's does, so the position travels with the DataModule.)"""
+        self.resume_from = state.get("train_loader")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.cfg.eval_batch_size, train=False)
+        return DataLoader(self.dataset("val"), batch_size=self.cfg.eval_batch_size, **self._loader_options("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.cfg.eval_batch_size, train=False)
+        return DataLoader(self.dataset("test"), batch_size=self.cfg.eval_batch_size, **self._loader_options("test"))
 
 
 def data_schema(name: str, node: DictConfig) -> DictConfig:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -36,6 +36,25 @@ class FieldContext:
 FieldBuilder = Callable[[Sample, int, FieldContext], Any]
 FIELDS: Registry[FieldBuilder] = Registry("batch field")
 MAX_BOXES = 8
+
+
+# field -> (what it reads of a sample, a test that the sample offers it): a method whose fields read what the
+# source does not offer would train on nothing (no negatives, empty graphs) without a word, so it fails instead.
+NEEDS: dict[str, tuple[str, Callable[[Sample], bool]]] = {
+    "neg_text": ("negative captions", lambda s: s.extra.get("negative_captions") is not None),
+    "caption_graph": ("scene graphs", lambda s: bool(s.extra.get("caption_graphs")) or s.graph is not None),
+}
+NEEDS["caption_triples"] = NEEDS["caption_graph"]
+TRIPLE_ELEMENT_TOKENS = 8  # token ids per triple element: start, up to 6 word pieces, end
+
+
+def check_source_offers(fields: tuple[str, ...], sample: Sample, source: str) -> None:
+    """Raise if the source's samples lack what the method's fields read (tested on one sample of the split)."""
+    missing = sorted({what for f in fields if f in NEEDS for what, offers in [NEEDS[f]] if not offers(sample)})
+    if missing:
+        raise ValueError(f"data source '{source}' offers no {' and no '.join(missing)}, which this method needs "
+                         f"({sample.key}); caption sources parse their captions into graphs and negatives with "
+                         f"data.options.parse=true (see README 'Parsing real captions')")
 
 
 @FIELDS.register("boxes")
@@ -66,7 +85,6 @@ def granular_text_field(sample: Sample, caption_index: int, ctx: FieldContext) -
     choices = list(sample.partial_captions) + [". ".join(sentences[:k]) for k in range(1, len(sentences) + 1)]
     text = ctx.rng.choice(choices)
     return {"text": ctx.tokenize([text])[0], "caption": text}
-
 
 @FIELDS.register("caption_graph")
 def caption_graph_field(sample: Sample, caption_index: int, ctx: FieldContext) -> Any:
@@ -143,6 +161,30 @@ def graph_texts_field(sample: Sample, caption_index: int, ctx: FieldContext) -> 
         "triple_valid": torch.arange(t_max) < n_t,
         "triple_args": torch.tensor(args + [[0, 0]] * (t_max - n_t), dtype=torch.long).view(t_max, 2),
     }
+
+
+def triple_tokens(graphs: Sequence[SceneGraph | None], tokenize: Callable, max_triples: int) -> dict[str, torch.Tensor]:
+    """Each graph's first `max_triples` triples (relations, then attributes) as token ids, for Structure-CLIP's
+    knowledge encoder: `triple_ids` (N, T, 3, TRIPLE_ELEMENT_TOKENS), padded with empty elements (all-zero ids),
+    and `triple_mask` (N, T), True where a triple exists. Built on the host (in DataLoader workers for training),
+    so the training step gets tensors and never waits on a copy."""
+    n, t = len(graphs), max_triples
+    mask = torch.zeros(n, t, dtype=torch.bool)
+    elements: list[str] = []
+    for i, graph in enumerate(graphs):
+        triples = graph.triples(t) if graph is not None else []
+        mask[i, : len(triples)] = True
+        elements += [e for triple in triples + [("", "", "")] * (t - len(triples)) for e in triple]
+    ids = tokenize(elements, context_length=TRIPLE_ELEMENT_TOKENS)  # (N*T*3, L)
+    return {"triple_ids": ids.view(n, t, 3, TRIPLE_ELEMENT_TOKENS), "triple_mask": mask}  # (N, T, 3, L), (N, T)
+
+
+@FIELDS.register("caption_triples")
+def caption_triples_field(sample: Sample, caption_index: int, ctx: FieldContext) -> dict[str, torch.Tensor]:
+    """The drawn caption's graph as triple token ids (`triple_tokens`; options["max_triples"], default 6)."""
+    graph = caption_graph_field(sample, caption_index, ctx)
+    out = triple_tokens([graph], ctx.tokenize, ctx.options.get("max_triples", 6))
+    return {k: v[0] for k, v in out.items()}  # (T, 3, L), (T,)
 
 
 def negative_caption(sample: Sample, caption_index: int, ctx: FieldContext) -> str | None:

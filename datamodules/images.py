@@ -20,11 +20,17 @@ class BadInput(ValueError):
     The message starts with where it is: `<file>:<record>`."""
 
 
-def load_image(path: str | Path, where: str) -> Image.Image:
-    """An RGB image, fully decoded, or a BadInput that names the file and the record that points at it."""
+def require_image_file(path: str | Path, where: str) -> Path:
+    """The path, if a file is there; else the BadInput that load_image would raise (a cheap check, no decoding)."""
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"{where}: image not found: {path}")
+    return path
+
+
+def load_image(path: str | Path, where: str) -> Image.Image:
+    """An RGB image, fully decoded, or a BadInput that names the file and the record that points at it."""
+    path = require_image_file(path, where)
     try:
         with Image.open(path) as im:
             return im.convert("RGB")  # convert() decodes every pixel, so a truncated file fails here, not later

@@ -10,8 +10,9 @@ import ast
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from configs.checks import Rule, existing_dir, existing_file
 from datamodules.images import load_image
 from datamodules.source import SOURCES, Sample
 
@@ -73,6 +74,9 @@ class NegCLIPTSV:
         train_file: str = "mscoco_with_negatives_training.csv"
         val_file: str = "mscoco_with_negatives_valid.csv"
         image_root: str = "."
+
+        RULES: ClassVar[dict[str, Rule]] = {"train_file": existing_file, "val_file": existing_file,
+                                            "image_root": existing_dir}
 
     def __init__(self, cfg: "NegCLIPTSV.Config", split: str) -> None:
         files = {"train": cfg.train_file, "val": cfg.val_file}

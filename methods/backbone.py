@@ -11,6 +11,9 @@ import open_clip
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from methods.pretrained import LOCAL_DIR, load_weights, plan_weights
+
+
 def register_arch(name: str, arch: dict[str, Any]) -> None:
     """Make a custom architecture known to open_clip under `name`. Its registry only reads JSON files, and
     keeps what it read, so the file lives only for the call."""
@@ -21,16 +24,43 @@ def register_arch(name: str, arch: dict[str, Any]) -> None:
 
 
 def create_backbone(cfg: DictConfig) -> tuple[torch.nn.Module, Callable, Callable, Callable]:
-    """(model, preprocess_train, preprocess_val, tokenizer) for an open_clip name with a tag, a file or nothing."""
-    if cfg.arch is not None:
+    """(model, preprocess_train, preprocess_val, tokenizer) for an open_clip name with a tag, a file, a
+    `local-dir:` folder or nothing (methods/pretrained.py says which, before anything is built)."""
+    plan = plan_weights(cfg.name, cfg.pretrained)
+    if cfg.arch is not None and not plan.name.startswith(LOCAL_DIR):  # a local-dir folder brings its own
         register_arch(cfg.name, OmegaConf.to_container(cfg.arch, resolve=True))
     with warnings.catch_warnings():
         # open_clip only warns when OpenAI weights meet a GELU model; results silently change, so fail instead
         warnings.filterwarnings("error", message=".*QuickGELU mismatch.*")
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            cfg.name, pretrained=cfg.pretrained, force_quick_gelu=cfg.force_quick_gelu,
+            plan.name, pretrained=plan.tag, force_quick_gelu=cfg.force_quick_gelu, **plan.preprocess,
         )
-    tokenizer = open_clip.get_tokenizer(cfg.name)
+    if plan.file is not None:
+        load_weights(model, plan.file, quick_gelu=plan.quick_gelu)
+    tokenizer = open_clip.get_tokenizer(plan.name)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+def compile_towers(model: torch.nn.Module, backend: str = "inductor") -> list[str]:
+    """Compile the towers in place (`nn.Module.compile`): the whole vision tower, its transformer stack and the
+    text transformer stack. Every path through them runs compiled code: `encode_image` / `encode_text`, and a
+    method's own token-level path that calls `visual.transformer` or `transformer` directly (the stack alone
+    is compiled on its first direct call). Parameter names and checkpoints do not change. Returns what was
+    compiled."""
+    done = []
+    for name in ("visual", "visual.transformer", "transformer"):
+        module = model.get_submodule(name) if _has(model, name) else None
+        if isinstance(module, torch.nn.Module):
+            module.compile(backend=backend)
+            done.append(name)
+    return done
+
+
+def _has(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False

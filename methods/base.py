@@ -19,7 +19,8 @@ from torch import Tensor
 
 from configs.registry import Registry
 from datamodules.graph import SceneGraph
-from methods.backbone import create_backbone
+from methods.backbone import compile_towers, create_backbone
+from methods.guard import NonFiniteSteps
 from methods.losses import contrastive_loss
 
 
@@ -61,8 +62,11 @@ class ContrastiveMethod(L.LightningModule):
         self.model, self.preprocess_train, self.preprocess_val, self.tokenizer = create_backbone(self.cfg.model)
         self._encode_image, self._encode_text = self.model.encode_image, self.model.encode_text
         if self.cfg.model.compile:
-            self._encode_image = torch.compile(self._encode_image)
-            self._encode_text = torch.compile(self._encode_text)
+            # the towers in place, so a method's own path through them is compiled too; the text tower's
+            # embedding, pooling and projection around its stack join the graph through encode_text
+            compile_towers(self.model, self.cfg.model.compile_backend)
+            self._encode_text = torch.compile(self._encode_text, backend=self.cfg.model.compile_backend)
+        self.bad_steps = NonFiniteSteps()
 
     # -- what the method asks of the data --------------------------------------------------------------
     def fields(self) -> tuple[str, ...]:
@@ -115,6 +119,7 @@ class ContrastiveMethod(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, terms = self.training_loss(batch)
+        self.loss_is_finite = torch.isfinite(loss.detach())  # read by the non-finite guard before the step
         b = batch["image"].shape[0]
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=b)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=b)
@@ -159,38 +164,40 @@ class ContrastiveMethod(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.cfg.optim
         groups = self.param_groups()
-        fused = all(p.is_cuda for g in groups for p in g["params"])
         warmups = [g.pop("warmup_steps", o.warmup_steps) for g in groups]  # per group; AdamW has no such key
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+        # fused AdamW (one kernel for every tensor, on CPUs and GPUs); it also skips a non-finite step on the device
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, [lr_lambda(o.schedule, w, total, o.min_lr_ratio) for w in warmups])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Non-finite guard: a step whose loss or gradients are not finite is skipped (its gradients dropped, so
-        AdamW leaves every weight as it was); `optim.max_bad_steps` in a row stop the run with a checkpoint
-        of the last good state. Under DDP the gradients are already averaged, so every rank agrees."""
+        """Non-finite guard: a step whose loss or gradients are not finite is skipped (AdamW leaves every weight
+        and its moments as they were) and counted; `optim.max_bad_steps` in a row stop the run with a checkpoint
+        of the last good state. No host-device sync: the check and the skip happen on the device
+        (`NonFiniteSteps`), and on a GPU the count of bad steps in a row is read one step late. Under DDP the
+        verdict is all-reduced on the device: every rank skips if any rank's loss was bad (the gradients are
+        already averaged, the losses are not), so the replicas never diverge."""
         limit = self.cfg.optim.max_bad_steps
         if limit <= 0:
             return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
-        if finite:
-            self.bad_steps_in_a_row = 0
-            return
-        self.bad_steps_in_a_row = getattr(self, "bad_steps_in_a_row", 0) + 1
-        self.bad_steps_total = getattr(self, "bad_steps_total", 0) + 1
-        for p in self.parameters():
-            p.grad = None
-        self.log("train/skipped_steps", float(self.bad_steps_total), batch_size=1)
-        if self.bad_steps_in_a_row >= limit:
+        total, in_a_row = self.bad_steps.check(optimizer, list(self.parameters()), getattr(self, "loss_is_finite", None))
+        if total is not None:
+            self.log("train/skipped_steps", total, on_step=True, on_epoch=False, batch_size=1)
+        if in_a_row is not None and in_a_row >= limit:
             path = Path(self.trainer.default_root_dir) / "checkpoints" / "last-good.ckpt"
             self.trainer.save_checkpoint(path)
             raise FloatingPointError(
-                f"{self.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient (step "
+                f"{int(in_a_row)} steps in a row had a non-finite loss or gradient (step "
                 f"{self.global_step}); stopped. The last good weights are in {path}. Lower optim.lr, check the "
                 f"data, or raise optim.max_bad_steps.")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["bad_steps"] = self.bad_steps.state()  # [in a row, in all]: a resumed run keeps counting
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.bad_steps.load(checkpoint.get("bad_steps", [0, 0]))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():  # the temperature stays in [1, logit_scale_max]

@@ -1,4 +1,5 @@
-"""Training callbacks: measured throughput (samples/s) written into the run folder."""
+"""Training callbacks: measured throughput (samples/s) and the data report, written into the run folder; what an
+exact resume needs (per-step seeds, the logging step); the checkpoints an interruption and a step count write."""
 from __future__ import annotations
 
 import json
@@ -8,43 +9,159 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+import torch.distributed as dist
 
 from configs.files import write_atomic
+from datamodules.sampling import derive_seed
+
+
+class ExactResume(L.Callback):
+    """What a resumed run needs, besides the checkpoint, to repeat an uninterrupted one step for step.
+
+    Before each training step: torch's generators (CPU and every GPU) are seeded from (seed, global step,
+    rank), so the model's own randomness (dropout) is a function of the step, without saving generator
+    states per rank; and the step Lightning logs under is set to the global step. (Lightning adds one to
+    its logging step when it restarts from a checkpoint written mid-step, by an error or a signal, so the
+    rows after such a resume would be shifted by one; the lab takes one optimizer step per batch, so the
+    two counters are the same number in an uninterrupted run.) Before every checkpoint, the metrics logged
+    so far are written out, so a kill right after it loses no row of a step the checkpoint holds."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        torch.manual_seed(derive_seed("step", self.seed, trainer.global_step, trainer.global_rank))
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+
+class StepCheckpoint(L.Callback):
+    """`path` (step.ckpt) every `every` optimizer steps, replaced atomically: a kill loses at most that many
+    steps. Written before a step rather than after one (as ModelCheckpoint(every_n_train_steps) does), so the
+    previous step's metrics are logged by then and a resumed run's metrics have no gap."""
+
+    def __init__(self, path: str | Path, every: int) -> None:
+        self.path, self.every = Path(path), every
+        self.saved_at = -1
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.saved_at = trainer.global_step  # a resumed run does not write its starting point again
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step % self.every == 0 and trainer.global_step != self.saved_at:
+            trainer.save_checkpoint(self.path)
+            self.saved_at = trainer.global_step
 
 
 class Throughput(L.Callback):
-    """Samples per second over training steps (data loading included), after `warmup` steps; median and mean."""
+    """Samples per second over training steps (data loading included), after `warmup` steps; median and mean.
 
-    def __init__(self, run_dir: str | Path, warmup: int = 5) -> None:
-        self.path = Path(run_dir) / "throughput.json"
+    On a GPU each step is timed on the device's own clock (a CUDA event at each step's end, read once when
+    training ends), so measuring makes the host wait for nothing; the time a step waits for data shows up
+    as the device idling between steps. Elsewhere the host clock times the steps. The per-step value logged
+    as `train/samples_per_sec` is always the host clock's (on a GPU, the host runs ahead and the value is
+    rough; throughput.json has the device's)."""
+
+    def __init__(self, run_dir: str | Path | None, warmup: int = 5) -> None:
+        self.path = Path(run_dir) / "throughput.json" if run_dir is not None else None
         self.warmup = warmup
-        self.step_times: list[float] = []
+        self.host_times: list[float] = []
+        self.events: list[list[Any]] = []  # per stretch of consecutive training steps: CUDA events at their ends
         self.last: float | None = None
         self.samples = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.last = None  # the gap across validation and epoch ends is not a training step
+        self.events.append([])
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         now = time.perf_counter()
         self.samples = batch["image"].shape[0] * trainer.world_size
-        if self.last is not None and trainer.global_step > self.warmup:
-            self.step_times.append(now - self.last)
-            module.log("train/samples_per_sec", self.samples / self.step_times[-1], batch_size=1)
+        if trainer.global_step <= self.warmup:  # a measured step starts after the warm-up's last one ended
+            return
+        if module.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events[-1].append(event)
+        if self.last is not None:
+            self.host_times.append(now - self.last)
+            module.log("train/samples_per_sec", self.samples / self.host_times[-1], batch_size=1)
         self.last = now
+
+    @property
+    def step_times(self) -> list[float]:
+        """Seconds per measured step: the device's clock on a GPU, else the host's."""
+        if not any(len(stretch) > 1 for stretch in self.events):
+            return self.host_times
+        self.events[-1][-1].synchronize()
+        return [a.elapsed_time(b) / 1000 for stretch in self.events for a, b in zip(stretch, stretch[1:])]
 
     def summary(self) -> dict[str, Any]:
         t = self.step_times
         return {
             "samples_per_sec_median": self.samples / statistics.median(t) if t else None,
             "samples_per_sec_mean": self.samples * len(t) / sum(t) if t else None,
+            "step_time_median_s": statistics.median(t) if t else None,
             "global_batch": self.samples,
             "measured_steps": len(t),
+            "clock": "device" if t is not self.host_times else "host",
+            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         }
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.path is not None:
             info = self.summary() | {"accelerator": type(trainer.accelerator).__name__, "world_size": trainer.world_size,
                                      "precision": str(trainer.precision)}
             write_atomic(self.path, json.dumps(info, indent=2))
+
+
+class DataReport(L.Callback):
+    """`data_report.json` in the run folder: per split, what the data source left out (bad records skipped,
+    images replaced while training, excluded image ids), written at the start and updated at the end; a log
+    line says so when anything was skipped."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / "data_report.json"
+
+    def write(self, trainer: L.Trainer) -> None:
+        report = getattr(trainer.datamodule, "data_report", None)
+        info = report() if report is not None and trainer.is_global_zero else None
+        if not info:
+            return
+        write_atomic(self.path, json.dumps(info, indent=2))
+        left_out = {s: r["skipped_records"] + r["substituted_images"] for s, r in info.items()}
+        if any(left_out.values()):
+            print(f"data: bad records skipped or images replaced per split {left_out} (skip_bad); see {self.path}")
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.write(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.write(trainer)
+
+
+class InterruptCheckpoint(L.Callback):
+    """`path` (interrupted.ckpt) when an error or a preemption signal (SIGTERM) ends training, written by the
+    processes that hold the trained state; removed when the run ends normally.
+
+    Not Lightning's OnExceptionCheckpoint, for two reasons: with one, Lightning reads fit(ckpt_path=None) as
+    "continue from the last checkpoint in the folder" (a new run must never pick up files it finds), and under
+    ddp_spawn the launching process, which holds only the untrained model it started from, saves that model
+    (step 0) over the checkpoint of the ranks that trained."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+            return  # the ddp_spawn launcher
+        trainer.save_checkpoint(self.path)
+
+    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            self.path.unlink(missing_ok=True)

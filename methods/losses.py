@@ -50,11 +50,13 @@ def max_violation_hinge(image_features: Tensor, text_features: Tensor, all_image
     i2t = image_features @ all_text_features.T  # (B, W*B)
     t2i = text_features @ all_image_features.T  # (B, W*B)
     pos_i2t, pos_t2i = i2t[rows, cols], t2i[rows, cols]  # (B,), (B,)
-    hardest_text = i2t.index_put((rows, cols), torch.tensor(float("-inf"), device=i2t.device)).max(dim=1).values
+    # the positives masked out with a value made on the device (torch.tensor(x, device=...) would copy from the
+    # host and wait for the device on every step)
+    hardest_text = i2t.index_put((rows, cols), i2t.new_full((), float("-inf"))).max(dim=1).values
     if mean_images:
         hardest_image = t2i.mean(dim=1)  # (B,)
     else:
-        hardest_image = t2i.index_put((rows, cols), torch.tensor(float("-inf"), device=t2i.device)).max(dim=1).values
+        hardest_image = t2i.index_put((rows, cols), t2i.new_full((), float("-inf"))).max(dim=1).values
     return (F.relu(margin + hardest_text - pos_i2t) + F.relu(margin + hardest_image - pos_t2i)).mean()
 
 

@@ -10,18 +10,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from methods.base import METHODS, ContrastiveMethod, dist_info
 from methods.losses import contrastive_loss
 
 # generated from a scene graph or tags, and "released": the negatives a data file ships (NegCLIP's TSV)
 NEGATIVE_KINDS = ("relation", "attribute", "noun", "shuffle", "released")
+SPEED_ONLY = ("compile", "compile_backend", "grad_checkpointing")  # model settings that change no feature
+
+
+class _ModelInputs(Dataset):
+    """A split's images through the model transform, for computing their features."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.dataset.transform(self.dataset.source[i].image)  # (3, H, W)
 
 
 @METHODS.register("negclip")
@@ -57,19 +73,21 @@ class NegCLIP(ContrastiveMethod):
     def neighbour_table(self, dataset: Any) -> Tensor:
         """(N, k) nearest neighbours of each training image by the starting model's image features,
         computed once per (data, model, seed) and cached."""
-        key = json.dumps([self.cfg.data.source, self.cfg.data.get("options"), self.cfg.model, self.cfg.seed,
+        model = {k: v for k, v in self.cfg.model.items() if k not in SPEED_ONLY}  # same weights, same neighbours
+        key = json.dumps([self.cfg.data.source, self.cfg.data.get("options"), model, self.cfg.seed,
                           self.mcfg.neighbours], sort_keys=True, default=str)
         path = Path(self.cfg.cache_dir) / f"neighbours-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
         if path.is_file():
             return torch.load(path, weights_only=True)
-        was_training = self.training
-        self.eval()
+        was_training, home = self.training, self.device
+        # on this process's GPU where there is one (this runs before the Trainer moves the model), the images
+        # made by the run's DataLoader workers
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else home
+        self.eval().to(device)
         feats = []
-        for start in range(0, len(dataset), 256):
-            images = torch.stack([dataset.transform(dataset.source[i].image)
-                                  for i in range(start, min(start + 256, len(dataset)))])
-            feats.append(self.encode_image_tensor(images.to(self.device)).float().cpu())
-        self.train(was_training)
+        for images in DataLoader(_ModelInputs(dataset), batch_size=256, num_workers=self.cfg.data.num_workers):
+            feats.append(self.model.encode_image(images.to(device), normalize=True).float().cpu())  # (<=256, D)
+        self.train(was_training).to(home)
         feats = torch.cat(feats)  # (N, D)
         table = []
         for start in range(0, len(feats), 1024):

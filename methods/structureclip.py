@@ -24,52 +24,45 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from datamodules.datamodule import CachedTokenizer
+from datamodules.fields import triple_tokens
 from datamodules.graph import SceneGraph
 from methods.base import METHODS, ContrastiveMethod, dist_info
 from methods.losses import caption_margin_loss, contrastive_loss, max_violation_hinge
 
 SEMANTIC_KINDS = ("relation", "attribute")
-ELEMENT_TOKENS = 8  # start, up to 6 word pieces, end
 
 
 class KnowledgeEncoder(nn.Module):
-    """Triples -> one normalised knowledge vector per caption (zero for a caption without triples)."""
+    """Triples -> one normalised knowledge vector per caption (zero for a caption without triples).
+
+    It reads token ids (`datamodules.fields.triple_tokens`): in training they come with the batch, built in the
+    DataLoader workers, so the step makes no host-to-device copy of its own; `encode_graphs` builds them here
+    for evaluation."""
 
     def __init__(self, token_embedding: nn.Embedding, tokenizer: Any, *, embed_dim: int, layers: int,
                  heads: int, max_triples: int, dropout: float = 0.1) -> None:
         super().__init__()
         width = token_embedding.embedding_dim
         self.token_embedding = token_embedding  # shared with the CLIP text tower, not a copy
-        self.tokenizer, self.max_triples = tokenizer, max_triples
+        self.tokenize, self.max_triples = CachedTokenizer(tokenizer), max_triples
         block = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=dropout, batch_first=True,
                                            norm_first=True)
         self.layers = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.proj = nn.Linear(width, embed_dim)
-        self._ids: dict[str, Tensor] = {}
 
-    def element_ids(self, texts: list[str]) -> Tensor:
-        """(N, ELEMENT_TOKENS) token ids of triple elements, each tokenized once."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._ids]
-        if missing:
-            self._ids.update(zip(missing, self.tokenizer(missing, context_length=ELEMENT_TOKENS)))
-        return torch.stack([self._ids[t] for t in texts])
-
-    def forward(self, graphs: list[SceneGraph | None]) -> Tensor:
-        b, t = len(graphs), self.max_triples
-        triples = [g.triples(t) if g is not None else [] for g in graphs]
-        mask = torch.zeros(b, t, dtype=torch.bool)  # True where a triple exists
-        elements = []
-        for i, tr in enumerate(triples):
-            mask[i, : len(tr)] = True
-            padded = tr + [("", "", "")] * (t - len(tr))
-            elements += [e for triple in padded for e in triple]
+    def encode_graphs(self, graphs: list[SceneGraph | None]) -> Tensor:
+        """The knowledge vectors of scene graphs (None: no triples), tokenized here."""
         device = self.proj.weight.device
-        ids = self.element_ids(elements).to(device).view(b, t, 3, ELEMENT_TOKENS)  # (B, T, 3, L)
+        t = triple_tokens(graphs, self.tokenize, self.max_triples)
+        return self(t["triple_ids"].to(device), t["triple_mask"].to(device))
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """`ids` (B, T, 3, L) token ids of each triple's elements, `mask` (B, T) True where a triple exists."""
         emb = self.token_embedding(ids)  # (B, T, 3, L, W)
-        real = (ids != 0).unsqueeze(-1).float()  # padding id 0 does not count
+        real = (ids != 0).unsqueeze(-1).to(emb.dtype)  # padding id 0 does not count
         pooled = (emb * real).sum(3) / real.sum(3).clamp(min=1)  # (B, T, 3, W)
         x = pooled[:, :, 0] + pooled[:, :, 1] - pooled[:, :, 2]  # (B, T, W): h + r - t
-        mask = mask.to(device)
         has = mask.any(1)  # (B,)
         attend = mask | ~has[:, None]  # a caption without triples attends to its (empty) first slot
         out = self.layers(x, src_key_padding_mask=~attend)[:, 0]  # (B, W)
@@ -113,16 +106,15 @@ class StructureCLIP(ContrastiveMethod):
         self.model.logit_scale.requires_grad_(self.mcfg.infonce_weight > 0)
 
     def fields(self) -> tuple[str, ...]:
-        return ("caption_graph",) + (("neg_text",) if self.mcfg.negative_kinds else ())
+        return ("caption_triples",) + (("neg_text",) if self.mcfg.negative_kinds else ())
 
     def field_options(self) -> dict[str, Any]:
-        return {"negative_kinds": list(self.mcfg.negative_kinds)}
+        return {"negative_kinds": list(self.mcfg.negative_kinds), "max_triples": self.mcfg.max_triples}
 
-    def fuse(self, text_features: Tensor, graphs: list[SceneGraph | None]) -> Tensor:
-        """The KEE-fused caption feature v + 0.2 * k (not re-normalised, as released)."""
-        if self.kee is None:
-            return text_features
-        return text_features + self.mcfg.kee_weight * self.kee(list(graphs))
+    def fuse(self, text_features: Tensor, knowledge: Tensor | None) -> Tensor:
+        """The KEE-fused caption feature v + 0.2 * k (not re-normalised, as released); `knowledge` (B, D) from
+        the KEE, None without it."""
+        return text_features if knowledge is None else text_features + self.mcfg.kee_weight * knowledge
 
     def encode(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         b = batch["text"].shape[0]
@@ -131,7 +123,8 @@ class StructureCLIP(ContrastiveMethod):
         feats = {
             "image_features": self.encode_image_tensor(batch["image"]),
             "text_features": texts[:b],
-            "fused_text_features": self.fuse(texts[:b], batch["caption_graph"]),
+            "fused_text_features": self.fuse(texts[:b], None if self.kee is None else
+                                             self.kee(batch["triple_ids"], batch["triple_mask"])),
             "logit_scale": self.model.logit_scale.exp(),
         }
         if "neg_text" in batch:
@@ -165,4 +158,4 @@ class StructureCLIP(ContrastiveMethod):
         feats = super().encode_captions(texts)
         if graphs is None or not self.kee_at_test:
             return feats
-        return self.fuse(feats, graphs).float()
+        return self.fuse(feats, None if self.kee is None else self.kee.encode_graphs(list(graphs))).float()

@@ -1,34 +1,43 @@
 """Train one method: `python -m methods.train method=clip data=shapes optim.lr=1e-3 ...`;
-continue a stopped run: `python -m methods.train resume=runs/clip/<time>`.
+continue a stopped run: `python -m methods.train resume=runs/clip/<time>`, or give the run a fixed folder
+(`run_dir=runs/exp1`) and run the same command again after a kill: it continues where the run stopped.
 
-Every run gets a folder of its own, runs/<method>/<timestamp>[-<run_name>], holding the resolved
-config, checkpoints (last and best on the validation split), metrics.csv and throughput.json.
+Every run gets a folder of its own, runs/<method>/<timestamp>[-<run_name>] (or run_dir), holding the resolved
+config, checkpoints (last and best on the validation split, step.ckpt every trainer.checkpoint_every_n_steps,
+interrupted.ckpt on a signal or an error), metrics.csv, throughput.json and, once finished, done.json.
+A resumed run ends with the weights and metrics of an uninterrupted one: the data order, every per-sample
+draw and the model's own randomness are functions of (seed, epoch, index, step), not of the process history.
 """
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig
 
 import configs
 from configs.files import new_folder, write_atomic
+from configs.schema import TrainerConfig
 from datamodules import CaptionDataModule, data_schema
 from methods import METHODS, method_schema
-from methods.callbacks import Throughput
+from methods.callbacks import DataReport, ExactResume, InterruptCheckpoint, StepCheckpoint, Throughput
+from methods.checkpoints import AtomicCheckpointIO, resume_checkpoint
 
 SCHEMAS = {"method": method_schema, "data": data_schema}
 
 
 def compose_train(argv: list[str]) -> DictConfig:
-    """The resolved, validated training config."""
+    """The resolved, typed training config (keys and types checked; values by `configs.validate`)."""
     return configs.compose("train", argv, SCHEMAS)
 
 
@@ -43,7 +52,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, CaptionDataModule]:
     module = METHODS.get(cfg.method.name)(configs.to_plain(cfg))
     dm = CaptionDataModule(cfg.data, preprocess_train=module.preprocess_train, preprocess_val=module.preprocess_val,
                            tokenizer=module.tokenizer, extra_fields=module.fields(),
-                           field_options=module.field_options())
+                           field_options=module.field_options(), seed=cfg.seed)
     module.prepare_fields(dm)
     return module, dm
 
@@ -54,30 +63,149 @@ def mark_done(run_dir: Path, trainer: L.Trainer) -> None:
                                                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
 
 
-def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None = None) -> Path:
-    """Fit the configured method in a new run folder (or continue `run_dir` from `ckpt_path`); returns the folder."""
-    if run_dir is None:
-        run_dir = new_run_dir(cfg)
-        configs.save(cfg, run_dir / "config.yaml")
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    # the CSV logger shares the run folder with config.yaml; it only ever replaces its own metrics.csv
-    warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
-    module, dm = build(cfg)
-    throughput = Throughput(run_dir)
+def config_differences(a: DictConfig, b: DictConfig) -> list[str]:
+    """'key: a -> b' for every leaf that differs (run_dir aside), for a refusal that says what changed."""
+    def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, sub in node.items() for k, v in leaves(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    la, lb = leaves(configs.to_plain(a)), leaves(configs.to_plain(b))
+    return [f"{k}: {la.get(k)!r} -> {lb.get(k)!r}" for k in sorted(set(la) | set(lb))
+            if k != "run_dir" and la.get(k) != lb.get(k)]
+
+
+def open_run(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """The run folder for `cfg` and the checkpoint to continue from (None: start at step 0).
+
+    Without run_dir, a new timestamped folder. With run_dir: created if it does not exist; an unfinished run
+    there with the same config is continued from its furthest checkpoint; a finished run, a different config
+    or a folder that is not a run is refused, so nothing written before is ever overwritten."""
+    configs.validate(cfg)
+    if cfg.run_dir is None:
+        return new_run_dir(cfg), None
+    run_dir = Path(cfg.run_dir)
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir, None
+    if not (run_dir / "config.yaml").is_file():
+        raise FileExistsError(f"{run_dir}: exists and is not a run folder (no config.yaml); choose another run_dir")
+    if (run_dir / "done.json").is_file():
+        raise FileExistsError(f"{run_dir}: the run finished (done.json); a new run needs a new run_dir")
+    saved = saved_config(run_dir)
+    changed = config_differences(saved, cfg)
+    if changed:
+        raise configs.ConfigError(f"{run_dir} holds an unfinished run with another config ({'; '.join(changed)}); "
+                                  f"continue it with resume={run_dir}, or choose a new run_dir")
+    return run_dir, resume_checkpoint(run_dir)
+
+
+def saved_config(run_dir: Path) -> DictConfig:
+    """A run's own config.yaml, composed over today's schema (keys added since then take their defaults)."""
+    path = run_dir / "config.yaml"
+    saved = configs.load_yaml(path)
+    missing = [k for k in ("seed", "method", "model", "data", "trainer", "optim") if k not in saved]
+    if missing or "name" not in saved.method:
+        raise configs.ConfigError(f"{path}: a run's config without {', '.join(missing) or 'method.name'} (truncated?)")
+    return configs._merge(compose_train([f"method={saved.method.name}"]), saved, str(path))
+
+
+def plan_resume(run_dir: str | Path) -> tuple[DictConfig, Path, Path | None]:
+    """`resume=<run>`: the run's own config, its folder and its furthest checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
+    if (run_dir / "done.json").is_file():
+        raise FileExistsError(f"{run_dir}: the run finished (done.json); start a new run instead")
+    cfg = saved_config(run_dir)
+    configs.validate(cfg)
+    return cfg, run_dir, resume_checkpoint(run_dir)
+
+
+def keep_old_metrics(run_dir: Path) -> None:
+    """The CSV logger starts a new metrics.csv: a continued run keeps the old one beside it (metrics.partK.csv)."""
+    metrics = run_dir / "metrics.csv"
+    if metrics.is_file():
+        k = 1
+        while (run_dir / f"metrics.part{k}.csv").exists():
+            k += 1
+        metrics.rename(run_dir / f"metrics.part{k}.csv")
+
+
+def trainer_args(cfg: DictConfig) -> dict[str, Any]:
+    """Lightning Trainer arguments from cfg.trainer (the lab's own keys left out), with the GPU defaults filled in:
+    bf16 mixed precision where the GPU has bf16 (`precision: null`), cuDNN autotuning, and TF32 float32 matmuls
+    (open_clip's trainer sets both)."""
+    args = {k: v for k, v in cfg.trainer.items() if k not in TrainerConfig.LAB_KEYS}
+    on_gpu = args["accelerator"] in ("gpu", "cuda") or (args["accelerator"] == "auto" and torch.cuda.is_available())
+    if args["precision"] is None:
+        args["precision"] = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    if args["benchmark"] is None:
+        args["benchmark"] = True if on_gpu else None
+    if on_gpu:
+        torch.set_float32_matmul_precision("high")
+    return args
+
+
+def progress_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The progress bar, refreshed every `log_every_n_steps` on a GPU: it shows the loss, and reading a logged
+    tensor makes the host wait for the device, so refreshing every step would sync every step."""
+    if not cfg.trainer.enable_progress_bar:
+        return []
+    on_cpu = cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
+    return [TQDMProgressBar(refresh_rate=1 if on_cpu else max(1, cfg.trainer.log_every_n_steps))]
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
+    """The Trainer of a run (or of a measurement: benchmarks/perf_rows.py), with `callbacks` after the progress bar."""
+    return L.Trainer(**trainer_args(cfg), default_root_dir=run_dir, callbacks=[*progress_callbacks(cfg), *callbacks],
+                     **kwargs)
+
+
+def run_trainer(cfg: DictConfig, run_dir: Path, throughput: Throughput) -> L.Trainer:
+    """A run's Trainer: the lab's checkpoints (atomic, periodic, on signals and errors), logs and reports."""
     ckpt_dir = run_dir / "checkpoints"
-    trainer = L.Trainer(
-        **cfg.trainer,
-        default_root_dir=run_dir,
-        logger=CSVLogger(run_dir, name="", version=""),
-        callbacks=[
+    every = cfg.trainer.checkpoint_every_n_steps
+    periodic = [StepCheckpoint(ckpt_dir / "step.ckpt", every)] if every > 0 else []
+    return make_trainer(
+        cfg, run_dir,
+        [
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
                             save_last=True, auto_insert_metric_name=False),
+            *periodic,
             # an exception or a preemption signal (SIGTERM) writes interrupted.ckpt before the process ends
-            OnExceptionCheckpoint(dirpath=ckpt_dir, filename="interrupted"),
+            InterruptCheckpoint(ckpt_dir / "interrupted.ckpt"),
             LearningRateMonitor(logging_interval="step"),
+            ExactResume(cfg.seed),
             throughput,
+            DataReport(run_dir),
         ],
+        plugins=[AtomicCheckpointIO()],
+        # logged rows reach the disk at once (and before every checkpoint, see ExactResume)
+        logger=CSVLogger(run_dir, name="", version="", flush_logs_every_n_steps=cfg.trainer.log_every_n_steps),
     )
+
+
+def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None = None) -> Path:
+    """Fit the configured method in its run folder (see `open_run`), or continue `run_dir` from `ckpt_path`;
+    returns the folder."""
+    if run_dir is None:
+        configs.validate(cfg)  # before anything is built or written
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module, dm = build(cfg)  # before the folder is made: a config that cannot build leaves nothing behind
+    if run_dir is None:
+        run_dir, ckpt_path = open_run(cfg)
+    if not (run_dir / "config.yaml").is_file():
+        configs.save(cfg, run_dir / "config.yaml")
+    if ckpt_path is not None:
+        print(f"continuing {run_dir} from {ckpt_path.name}", file=sys.stderr)
+    keep_old_metrics(run_dir)
+    # the CSV logger shares the run folder with config.yaml (it only ever replaces its own metrics.csv), and a
+    # continued run finds its own checkpoints
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
+    throughput = Throughput(run_dir)
+    trainer = run_trainer(cfg, run_dir, throughput)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     if trainer.is_global_zero:
         mark_done(run_dir, trainer)
@@ -88,34 +216,6 @@ def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None =
     return run_dir
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The furthest of last.ckpt (end of an epoch) and interrupted.ckpt (written on a signal or an error)."""
-    found = [p for p in (run_dir / "checkpoints" / n for n in ("last.ckpt", "interrupted.ckpt")) if p.is_file()]
-    if not found:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from; start a new run instead")
-    step = lambda p: torch.load(p, map_location="cpu", weights_only=True)["global_step"]  # noqa: E731
-    return max(found, key=step)
-
-
-def resume(run_dir: str | Path) -> Path:
-    """Continue a run from its last checkpoint, in its own folder, with its own config."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
-    ckpt = latest_checkpoint(run_dir)
-    if (run_dir / "done.json").is_file():
-        raise FileExistsError(f"{run_dir}: the run finished (done.json); start a new run instead")
-    saved = OmegaConf.load(run_dir / "config.yaml")
-    cfg = configs._merge(compose_train([f"method={saved.method.name}"]), saved, str(run_dir / "config.yaml"))
-    metrics = run_dir / "metrics.csv"
-    if metrics.is_file():  # the CSV logger starts a new file: keep the old one beside it
-        k = 1
-        while (run_dir / f"metrics.part{k}.csv").exists():
-            k += 1
-        metrics.rename(run_dir / f"metrics.part{k}.csv")
-    return train(cfg, run_dir=run_dir, ckpt_path=ckpt)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     resume_from = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
@@ -123,13 +223,18 @@ def main(argv: list[str] | None = None) -> int:
         if resume_from:
             if len(argv) > 1:
                 raise configs.ConfigError("resume=<run> takes no other arguments: the run's own config.yaml is used")
-            resume(resume_from[0])
-            return 0
-        cfg = compose_train(argv)
-    except (configs.ConfigError, KeyError, FileNotFoundError, FileExistsError) as e:
+            cfg, run_dir, ckpt = plan_resume(resume_from[0])
+        else:
+            cfg = compose_train(argv)
+            run_dir, ckpt = open_run(cfg)
+    except (configs.ConfigError, KeyError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
-    train(cfg)
+    try:
+        train(cfg, run_dir=run_dir, ckpt_path=ckpt)
+    except SIGTERMException:  # a preemption: the checkpoint is written; say so, and exit as killed by SIGTERM
+        print(f"stopped by SIGTERM; continue with: python -m methods.train resume={run_dir}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

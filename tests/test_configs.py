@@ -84,3 +84,26 @@ def test_make_train_with_an_unknown_method_fails_at_once():
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "unknown method 'nosuch'; available: " + ", ".join(METHODS.names()) in out.stderr
+
+
+def test_impossible_values_are_all_named_before_anything_runs(tmp_path, capsys):
+    argv = ["data.batch_size=0", "optim.lr=-1", "trainer.max_epochs=0", "optim.warmup_steps=-5", "trainer.precision=17",
+            "trainer.accelerator=tpux", "trainer.limit_train_batches=2.5", f"runs_dir={tmp_path / 'runs'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for text in ("data.batch_size=0: must be >= 1", "optim.lr=-1.0: must be > 0", "trainer.max_epochs=0: must be >= 1",
+                 "optim.warmup_steps=-5: must be >= 0", "trainer.precision='17': must be one of 32-true",
+                 "trainer.accelerator='tpux': unknown accelerator; valid: auto, cpu",
+                 "trainer.limit_train_batches=2.5: above 1 it is a count of batches and must be whole"):
+        assert text in err, text
+    assert not (tmp_path / "runs").exists()  # no run folder was made
+
+
+def test_a_missing_data_file_is_named_before_anything_runs(tmp_path, capsys):
+    argv = ["data=negclip_coco", f"data.options.train_file={tmp_path / 'nope.csv'}", f"runs_dir={tmp_path / 'runs'}",
+            f"data.options.image_root={tmp_path}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"data.options.train_file='{tmp_path / 'nope.csv'}': file not found" in err
+    assert "data.options.val_file=" in err and "data.options.image_root" not in err  # the folder is there
+    assert not (tmp_path / "runs").exists()

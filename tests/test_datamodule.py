@@ -70,3 +70,35 @@ def test_unknown_field_lists_the_known_ones(make_cfg):
     with pytest.raises(KeyError, match="unknown batch field 'nosuch'; available: " + ", ".join(FIELDS.names())):
         CaptionDataModule(cfg.data, preprocess_train=module.preprocess_train, preprocess_val=module.preprocess_val,
                           tokenizer=module.tokenizer, extra_fields=("nosuch",))
+
+
+@pytest.mark.parametrize("method", ["clip", "negclip"])
+def test_images_cross_as_bytes_and_are_normalised_on_the_device_to_the_bit(make_cfg, tmp_path, method):
+    """normalize_on_device: the workers stop before ToTensor (uint8 images, a method's hard images too), the
+    batch hook finishes them, and the result equals the model transform run in the workers, bit for bit."""
+    import random
+
+    from datamodules.datamodule import collate
+
+    _, dm = build(make_cfg(f"method={method}", "data.normalize_on_device=true", f"cache_dir={tmp_path}"))
+    dm.setup("fit")
+    loader = dm.train_dataloader()  # the loader decides: images leave the workers as uint8
+    ds = dm.dataset("train")
+    random.seed(0)
+    items = [ds[i] for i in range(4)]
+    assert items[0]["image"].dtype == torch.uint8
+    random.seed(0)
+    ds.host_transform = None
+    full = collate([ds[i] for i in range(4)])
+    finished = dm.on_after_batch_transfer(collate(items), 0)
+    for key in ("image", "hard_image") if method == "negclip" else ("image",):
+        assert finished[key].dtype == torch.float32 and torch.equal(finished[key], full[key]), key
+    assert loader.prefetch_factor is None  # no workers in the tests: no prefetching either
+
+
+def test_a_run_with_images_normalised_in_the_batch_hook_trains(make_cfg):
+    """The Trainer calls the DataModule's hook: a uint8 image would fail in the model's first convolution."""
+    from methods.train import train
+
+    run = train(make_cfg("data.normalize_on_device=true", "trainer.limit_train_batches=2", "trainer.max_epochs=1"))
+    assert (run / "done.json").is_file()

@@ -1,7 +1,13 @@
-"""Faults: non-finite steps are skipped and counted, too many in a row stop the run with the last good state."""
+"""Faults while training: non-finite losses and gradients are skipped and counted, too many in a row stop the run
+with the last good state; the same seed gives the same run twice; a full disk mid-checkpoint leaves the previous
+checkpoint whole; a 2-process DDP run where one rank fails ends with the error instead of hanging."""
 from __future__ import annotations
 
 import csv
+import errno
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -9,25 +15,46 @@ import pytest
 import torch
 
 from methods import train as train_mod
+from methods.checkpoints import read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-class PoisonBatches(L.Callback):
-    """Turns the images of the chosen global steps into NaN (a corrupt batch, an overflow)."""
+class Inject(L.Callback):
+    """Faults at chosen global steps: NaN images, an infinite loss, a NaN gradient, or an error on one rank."""
 
-    def __init__(self, steps: set[int]) -> None:
-        self.steps = steps
-        self.good: dict[str, torch.Tensor] | None = None
+    def __init__(self, nan_images=(), inf_loss=(), nan_grad=(), fail_rank: int | None = None, fail_at: int = -1):
+        self.nan_images, self.inf_loss, self.nan_grad = set(nan_images), set(inf_loss), set(nan_grad)
+        self.fail_rank, self.fail_at = fail_rank, fail_at
+        self.good: dict[str, torch.Tensor] | None = None  # the weights before the first fault
+
+    def on_fit_start(self, trainer, module):
+        if self.inf_loss:  # the loss alone: its gradients stay finite, so only the loss check sees it
+            real = module.training_loss
+
+            def training_loss(batch):
+                loss, terms = real(batch)
+                return (loss + float("inf") if trainer.global_step in self.inf_loss else loss), terms
+
+            module.training_loss = training_loss
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.global_step in self.steps:
-            if self.good is None:
-                self.good = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        step = trainer.global_step
+        if trainer.global_rank == self.fail_rank and step == self.fail_at:
+            raise RuntimeError(f"rank {self.fail_rank} fails at step {step} (injected)")
+        if step in self.nan_images | self.inf_loss | self.nan_grad and self.good is None:
+            self.good = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        if step in self.nan_images:
             batch["image"].fill_(float("nan"))
+
+    def on_after_backward(self, trainer, module):
+        if trainer.global_step in self.nan_grad:
+            next(p for p in module.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
 
 
 @pytest.fixture
-def poison(monkeypatch):
-    """Adds a PoisonBatches callback to the trainer that methods.train builds."""
+def inject(monkeypatch):
+    """Adds an Inject callback (holder["cb"]) to the trainer that methods.train builds."""
     holder = {}
     real = L.Trainer
 
@@ -38,71 +65,110 @@ def poison(monkeypatch):
     return holder
 
 
-def test_a_nan_step_is_skipped_and_counted(make_cfg, poison):
-    poison["cb"] = PoisonBatches({2})
-    run = train_mod.train(make_cfg("trainer.limit_train_batches=5"))
+def rows(run: Path) -> list[dict[str, str]]:
     with open(run / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert max(float(r["train/skipped_steps"]) for r in rows if r.get("train/skipped_steps")) == 1.0
-    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        return list(csv.DictReader(f))
+
+
+def test_nan_images_inf_loss_and_nan_gradients_are_skipped_and_counted(make_cfg, inject):
+    inject["cb"] = Inject(nan_images={1}, inf_loss={2}, nan_grad={3})
+    run = train_mod.train(make_cfg("trainer.limit_train_batches=5"))
+    skipped = [float(r["train/skipped_steps"]) for r in rows(run) if r.get("train/skipped_steps")]
+    assert skipped == [0.0, 1.0, 2.0, 3.0, 3.0]  # each kind of fault caught once, at its own step
+    state = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     assert (run / "done.json").is_file()
 
 
-def test_too_many_bad_steps_stop_with_the_last_good_state(make_cfg, poison):
-    poison["cb"] = PoisonBatches(set(range(2, 100)))
+def test_too_many_bad_steps_stop_with_the_last_good_state(make_cfg, inject):
+    inject["cb"] = Inject(nan_images=set(range(2, 100)))
     cfg = make_cfg("trainer.limit_train_batches=8", "optim.max_bad_steps=3")
     with pytest.raises(FloatingPointError, match="3 steps in a row had a non-finite loss or gradient.*last-good.ckpt"):
         train_mod.train(cfg)
     (run,) = list(Path(cfg.runs_dir).glob("clip/*"))
-    saved = torch.load(run / "checkpoints" / "last-good.ckpt", weights_only=True)["state_dict"]
-    good = poison["cb"].good  # the weights before the first poisoned step, which no step changed
-    for k, v in good.items():
+    saved = read_checkpoint(run / "checkpoints" / "last-good.ckpt")["state_dict"]
+    for k, v in inject["cb"].good.items():  # the weights before the first poisoned step, which no step changed
         torch.testing.assert_close(saved[k], v, msg=k)
     assert not (run / "done.json").exists()
 
 
-def test_same_seed_same_weights_twice(make_cfg):
-    a = torch.load(train_mod.train(make_cfg()) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(train_mod.train(make_cfg()) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+def test_same_seed_same_weights_and_metrics_twice(make_cfg):
+    a, b = train_mod.train(make_cfg()), train_mod.train(make_cfg())
+    sa = read_checkpoint(a / "checkpoints" / "last.ckpt")["state_dict"]
+    sb = read_checkpoint(b / "checkpoints" / "last.ckpt")["state_dict"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    keys = ("step", "train/loss", "train/logit_scale", "val/loss", "val/i2t_acc")
+    assert [[r.get(k) for k in keys] for r in rows(a)] == [[r.get(k) for k in keys] for r in rows(b)]
+    assert any(r.get("val/loss") for r in rows(a))
 
 
-def test_corrupt_and_foreign_checkpoints_are_named_not_unpickled(make_cfg, tmp_path, capsys):
-    from benchmarks.run import main as bench_main
+def test_a_full_disk_mid_checkpoint_keeps_the_previous_one(make_cfg, monkeypatch):
+    import configs.files
 
-    run = train_mod.train(make_cfg())
-    ckpt = run / "checkpoints" / "last.ckpt"
-    data = ckpt.read_bytes()
-    ckpt.write_bytes(data[: len(data) // 2])  # a half-written file
-    assert bench_main([f"runs=[{run}]", "ckpt=last", f"out_dir={tmp_path / 'r'}"]) == 2
-    assert f"{ckpt}: not a readable checkpoint" in capsys.readouterr().err
+    real_open, state = open, {"saved": 0}
 
-    class Evil:  # an object whose unpickling would run code
-        def __reduce__(self):
-            return (print, ("unpickled!",))
+    class FullDisk:
+        """A file on a disk that fills up after half of what is written to it."""
 
-    import pickle
-    ckpt.write_bytes(pickle.dumps({"state_dict": Evil()}))
-    assert bench_main([f"runs=[{run}]", "ckpt=last", f"out_dir={tmp_path / 'r2'}"]) == 2
-    captured = capsys.readouterr()
-    assert "unpickled!" not in captured.out and "not a readable checkpoint" in captured.err
+        def __init__(self, f):
+            self.f, self.budget = f, 3_000_000  # bytes; a checkpoint of the tiny model is about 86 MB
+
+        def write(self, data):
+            if len(data) > self.budget:
+                self.f.write(bytes(data)[: self.budget])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.budget -= len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "step.ckpt" in str(path) and "w" in mode:
+            state["saved"] += 1
+            return FullDisk(f) if state["saved"] >= 2 else f  # the second periodic checkpoint hits the full disk
+        return f
+
+    monkeypatch.setattr(configs.files, "open", fake_open, raising=False)
+    cfg = make_cfg("trainer.limit_train_batches=6", "trainer.checkpoint_every_n_steps=2")
+    with pytest.raises(OSError, match=r"No space left on device: writing .*step.ckpt \(nothing replaced"):
+        train_mod.train(cfg)
+    (run,) = list(Path(cfg.runs_dir).glob("clip/*"))
+    assert read_checkpoint(run / "checkpoints" / "step.ckpt")["global_step"] == 2  # the previous one, whole
+    assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
-def test_a_full_disk_never_leaves_half_a_file(tmp_path, monkeypatch):
-    import errno
+def test_a_two_process_ddp_run_finishes_and_a_failing_rank_ends_one(tmp_path):
+    script = f"""
+import sys
+sys.path[:0] = {[str(ROOT), str(ROOT / "tests")]!r}
+import lightning as L
+from methods import train as T
+from tests_support import TINY_ARGS
+from test_faults import Inject
 
-    from configs.files import write_atomic
-
-    target = tmp_path / "result.json"
-    write_atomic(target, '{"ok": 1}')
-    real = Path.write_text
-
-    def full(self, text, *a, **k):
-        real(self, text[: len(text) // 2], *a, **k)  # part of it got out, then the disk was full
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_text", full)
-    with pytest.raises(OSError, match="No space left"):
-        write_atomic(target, '{"ok": 2, "more": "data"}')
-    assert target.read_text() == '{"ok": 1}'  # the old result is intact
+if __name__ == "__main__":
+    args = TINY_ARGS + ["trainer=ddp_cpu2", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
+                        "trainer.checkpoint_every_n_steps=1", "trainer.enable_progress_bar=false"]
+    print("finished:", T.train(T.compose_train(args + ["runs_dir={tmp_path / 'ok'}"])), flush=True)
+    real = L.Trainer
+    T.L.Trainer = lambda *a, callbacks=(), **k: real(*a, callbacks=[*callbacks, Inject(fail_rank=1, fail_at=2)], **k)
+    T.train(T.compose_train(args + ["runs_dir={tmp_path / 'runs'}"]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=400,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    (ok,) = list((tmp_path / "ok").glob("clip/*"))
+    assert f"finished: {ok}" in out.stdout and (ok / "done.json").is_file()  # the launcher got the weights back
+    assert read_checkpoint(ok / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert out.returncode != 0 and "rank 1 fails at step 2 (injected)" in out.stderr
+    (run,) = list((tmp_path / "runs").glob("clip/*"))
+    ckpts = {p.name: read_checkpoint(p)["global_step"] for p in (run / "checkpoints").glob("*.ckpt")}
+    assert ckpts.get("step.ckpt") == 2 and all(step > 0 for step in ckpts.values())  # nothing from the launcher
+    assert not (run / "done.json").exists()

@@ -127,8 +127,8 @@ def test_negative_captions_are_false_and_of_the_allowed_kinds(make_cfg, tmp_path
 
 def test_structureclip_knowledge_encoder_shapes_and_test_time_switch(make_cfg):
     module, batch = batch_of(make_cfg, "structureclip")
-    graphs = list(batch["caption_graph"])
-    k = module.kee(graphs + [None])
+    graphs = list(batch["graph"])  # the shapes world's canonical captions: each caption's graph is the scene's
+    k = module.kee.encode_graphs(graphs + [None])
     assert k.shape == (9, module.model.text_projection.shape[1])
     torch.testing.assert_close(k[:8].norm(dim=-1), torch.ones(8))
     assert torch.equal(k[8], torch.zeros_like(k[8]))  # a caption without a graph gets no knowledge vector
@@ -136,8 +136,30 @@ def test_structureclip_knowledge_encoder_shapes_and_test_time_switch(make_cfg):
     with_kee = module.encode_captions(batch["caption"], graphs)
     module.set_eval_variant(kee_at_test=False)
     plain = module.encode_captions(batch["caption"], graphs)
-    torch.testing.assert_close(with_kee - plain, 0.2 * module.kee(graphs))
+    torch.testing.assert_close(with_kee - plain, 0.2 * module.kee.encode_graphs(graphs))
     assert set(module.eval_variants()) == {"", "plain"}
+
+
+def test_structureclip_batch_brings_each_captions_triples_as_token_ids(make_cfg):
+    """The triples travel with the batch as token ids (built in the workers), from the drawn caption's own graph."""
+    cfg = make_cfg("method=structureclip", *SMALL["structureclip"])
+    module, dm = build(cfg)
+    ds = dm.dataset("train")
+    random.seed(0)
+    batch = collate([ds[i] for i in range(8)])
+    assert batch["triple_ids"].shape == (8, 6, 3, 8) and batch["triple_mask"].shape == (8, 6)
+    for i in range(8):
+        sample = ds.source[i]
+        graph = sample.extra["caption_graphs"][sample.captions.index(batch["caption"][i])]
+        triples = graph.triples(6)
+        assert int(batch["triple_mask"][i].sum()) == len(triples) >= 1
+        expected = module.tokenizer([e for t in triples for e in t], context_length=8).view(len(triples), 3, 8)
+        assert torch.equal(batch["triple_ids"][i, : len(triples)], expected)
+        empty = module.tokenizer([""], context_length=8)[0]  # an empty slot holds the tokens of "" (masked out)
+        assert all(torch.equal(e, empty) for e in batch["triple_ids"][i, len(triples):].flatten(0, 1))
+    module.eval()
+    graphs = [ds.source[i].extra["caption_graphs"][ds.source[i].captions.index(c)] for i, c in enumerate(batch["caption"])]
+    torch.testing.assert_close(module.kee(batch["triple_ids"], batch["triple_mask"]), module.kee.encode_graphs(graphs))
 
 
 def test_unknown_negative_kind_is_rejected(make_cfg):

@@ -1,0 +1,199 @@
+"""`make perf`: training throughput beside open_clip's own trainer, every row measured on the same machine in one run.
+
+    python -m benchmarks.perf [perf=auto|gpu|cpu] [key=value ...]      make perf [PERF=cpu] [ARGS="methods=[clip]"]
+
+Rows, each in a process of its own, timed after a warm-up (median over steps):
+- open_clip trainer: `open_clip_train.main --dataset-type synthetic`, eager and with `--torchcompile`;
+- bare step: open_clip's model, its ClipLoss and fused AdamW on inputs already on the device (the ceiling);
+- each registered method through the lab's Trainer, with its DataModule's data path (`data`: images made and
+  transformed in workers) and with one batch kept on the device (`resident`: the step's own cost).
+Each row's samples/s is given as a ratio to open_clip's trainer and to the bare step in the same mode (eager or
+compiled), each method's step time as a ratio to vanilla CLIP's with the same inputs and mode, with the peak
+memory and the host-device syncs per step (GPU). `perf=auto` picks configs/perf/gpu.yaml where CUDA is
+available, else configs/perf/cpu.yaml (a small configuration), and says which. perf.json and perf.md go into a
+new folder results/perf-<time>/ with each row's log; perf.json is rewritten after every row.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+import configs
+from benchmarks.perf_openclip import trainer_arguments
+from benchmarks.perf_report import goals, markdown, with_ratios
+from benchmarks.perf_rows import device_of
+from configs.files import new_folder, write_atomic
+from methods import METHODS
+from methods.train import compose_train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class PerfSpec:
+    """A configs/perf/<name>.yaml file: what to measure and how long."""
+
+    name: str = "cpu"
+    note: str = ""  # said at the top of perf.md (e.g. that a CPU run is a small configuration)
+    model: str = "tiny"  # model group
+    model_args: list[str] = field(default_factory=list)
+    trainer: str = "cpu"  # trainer group (its precision is the lab's)
+    data: str = "shapes"  # data group of the `data` rows
+    data_args: list[str] = field(default_factory=list)  # its options (a train split of at least batch * steps)
+    resident_args: list[str] = field(default_factory=list)  # options of the `resident` rows (one batch is read)
+    batch_size: int = 32
+    num_workers: int = 1  # DataLoader workers of the lab's data path and of open_clip's trainer
+    steps: int = 16
+    warmup: int = 4  # steps left out of the median (compilation happens in them)
+    log_every: int = 4  # both trainers log (and so sync) every this many steps
+    compile: list[bool] = field(default_factory=lambda: [False])
+    inputs: list[str] = field(default_factory=lambda: ["data", "resident"])
+    methods: list[str] = field(default_factory=lambda: ["all"])
+    openclip: bool = True
+    openclip_precision: str = "fp32"  # open_clip_train's --precision (amp_bf16 is bf16 autocast)
+    bare: bool = True
+    goals: dict[str, Any] = field(default_factory=dict)  # see configs/perf/gpu.yaml
+    out_dir: str = "results"
+    timeout_s: int = 1800  # per row
+
+
+def load_spec(argv: list[str]) -> PerfSpec:
+    """The perf file (perf=auto|gpu|cpu or a path) merged into PerfSpec, then key=value overrides."""
+    choice = next((a.split("=", 1)[1] for a in argv if a.startswith("perf=")), "auto")
+    if choice == "auto":
+        choice = "gpu" if torch.cuda.is_available() else "cpu"
+        print(f"perf: {'CUDA is available' if choice == 'gpu' else 'no GPU'}: configs/perf/{choice}.yaml")
+    path = Path(choice) if choice.endswith(".yaml") else configs.CONFIG_DIR / "perf" / f"{choice}.yaml"
+    if not path.is_file():
+        raise configs.ConfigError(f"perf file {path} not found; shipped: {', '.join(configs.group_names('perf'))}")
+    spec = configs._merge(OmegaConf.structured(PerfSpec), OmegaConf.load(path), str(path))
+    spec = configs._merge(spec, OmegaConf.from_dotlist([a for a in argv if not a.startswith("perf=")]), "command line")
+    return OmegaConf.to_object(spec)  # type: ignore[return-value]
+
+
+def mode(compiled: bool) -> str:
+    return "compiled" if compiled else "eager"
+
+
+def lab_overrides(spec: PerfSpec, method: str, inputs: str, compiled: bool) -> list[str]:
+    """The training config of one lab row: the method on the spec's model, data, trainer and batch."""
+    return [f"method={method}", f"model={spec.model}", *spec.model_args, f"data={spec.data}",
+            *(spec.data_args if inputs == "data" else spec.resident_args), f"trainer={spec.trainer}",
+            f"data.batch_size={spec.batch_size}", f"data.num_workers={spec.num_workers}",
+            f"trainer.max_steps={spec.steps}", "trainer.max_epochs=1000", "trainer.limit_val_batches=0",
+            "trainer.enable_progress_bar=false", f"trainer.log_every_n_steps={spec.log_every}",
+            f"model.compile={str(compiled).lower()}"]
+
+
+def plan(spec: PerfSpec) -> list[dict[str, Any]]:
+    """Every row to measure, in order: per mode, open_clip's trainer, the bare step, then each method's rows."""
+    methods = METHODS.names() if spec.methods == ["all"] else list(spec.methods)
+    for name in methods:
+        METHODS.get(name)  # an unknown method fails here, listing the registered ones
+    unknown = set(spec.inputs) - {"data", "resident"}
+    if unknown:
+        raise configs.ConfigError(f"perf.inputs: unknown {sorted(unknown)}; valid: data, resident")
+    common = {"steps": spec.steps, "warmup": spec.warmup, "batch_size": spec.batch_size}
+    rows = []
+    for compiled in spec.compile:
+        m = mode(compiled)
+        if spec.openclip:
+            rows.append(common | {"kind": "openclip", "name": f"open_clip trainer · {m}", "mode": m, "compile": compiled})
+        if spec.bare:
+            rows.append(common | {"kind": "bare", "name": f"bare step · resident · {m}", "mode": m, "compile": compiled,
+                                  "overrides": lab_overrides(spec, "clip", "resident", compiled)})
+        for method in methods:
+            for inputs in spec.inputs:
+                rows.append(common | {"kind": "lab", "name": f"{method} · {inputs} · {m}", "method": method,
+                                      "inputs": inputs, "mode": m, "compile": compiled,
+                                      "overrides": lab_overrides(spec, method, inputs, compiled)})
+    return rows
+
+
+def command(spec: PerfSpec, row: dict[str, Any], folder: Path) -> list[str]:
+    """The child process that measures `row`, writing folder/result.json."""
+    result = str(folder / "result.json")
+    if row["kind"] != "openclip":
+        write_atomic(folder / "row.json", json.dumps(row, indent=2))
+        return [sys.executable, "-m", "benchmarks.perf_rows", str(folder / "row.json"), result]
+    cfg = compose_train([f"model={spec.model}", *spec.model_args, f"trainer={spec.trainer}"])
+    ours = [result, str(spec.warmup)]
+    if cfg.model.arch is not None:  # a custom architecture: the child registers it with open_clip
+        write_atomic(folder / "arch.json", json.dumps(OmegaConf.to_container(cfg.model.arch, resolve=True)))
+        ours.append(str(folder / "arch.json"))
+    theirs = trainer_arguments(model=cfg.model.name, quick_gelu=cfg.model.force_quick_gelu, batch=spec.batch_size,
+                               steps=spec.steps, workers=spec.num_workers, precision=spec.openclip_precision,
+                               compile=row["compile"], device=device_of(cfg).type, log_every=spec.log_every)
+    return [sys.executable, "-m", "benchmarks.perf_openclip", *ours, "--", *theirs]
+
+
+def measure(spec: PerfSpec, row: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Run one row's process (its output in folder/log.txt); the result, or why there is none."""
+    folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    start = time.perf_counter()
+    with open(folder / "log.txt", "w") as log:
+        try:  # the child's working folder is its own: open_clip's trainer writes a log folder where it runs
+            done = subprocess.run(command(spec, row, folder), cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=spec.timeout_s)
+            failed = None if done.returncode == 0 else f"exit status {done.returncode}"
+        except subprocess.TimeoutExpired:
+            failed = f"stopped after {spec.timeout_s} s (perf.timeout_s)"
+    wall = time.perf_counter() - start
+    result = folder / "result.json"
+    if failed is None and result.is_file():
+        return json.loads(result.read_text()) | {"wall_s": wall}
+    lines = [ln for ln in (folder / "log.txt").read_text(errors="replace").splitlines() if ln.strip()]
+    error = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+    return {"error": f"{failed or 'no result'}: {error.strip()[:300]}", "wall_s": wall}
+
+
+def machine() -> dict[str, Any]:
+    import lightning
+    import open_clip
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"gpu": gpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "lightning": lightning.__version__, "open_clip": open_clip.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        spec = load_spec(argv)
+        rows = plan(spec)
+    except (configs.ConfigError, KeyError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    out = new_folder(Path(spec.out_dir) / f"perf-{time.strftime('%Y%m%d-%H%M%S')}")
+    info = {"spec": OmegaConf.to_container(OmegaConf.structured(spec)), "machine": machine(), "rows": []}
+    print(f"perf: {len(rows)} rows ({spec.name}: model={spec.model}, batch {spec.batch_size}, {spec.steps} steps, "
+          f"warm-up {spec.warmup}); results in {out}")
+    for k, row in enumerate(rows):
+        slug = f"{k:02d}-" + "".join(c if c.isalnum() else "_" for c in row["name"])
+        measured = row | measure(spec, row, out / "rows" / slug)
+        info["rows"].append(measured)
+        shown = f"{measured['samples_per_sec']:.0f} samples/s" if "samples_per_sec" in measured else measured["error"]
+        print(f"  {row['name']}: {shown} ({measured['wall_s']:.0f} s)", flush=True)
+        info["rows"] = with_ratios(info["rows"])
+        info["goals"] = goals(info["rows"], spec.goals)
+        write_atomic(out / "perf.json", json.dumps(info, indent=2, default=str))
+    text = markdown(info)
+    write_atomic(out / "perf.md", text)
+    print(text)
+    print(f"perf: {out / 'perf.json'}, {out / 'perf.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

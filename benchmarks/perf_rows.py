@@ -1,0 +1,222 @@
+"""One measurement of `make perf`, in a process of its own so that each row has its own peak memory and compile
+caches, and a row that fails leaves the others standing: `python -m benchmarks.perf_rows ROW.json RESULT.json`.
+
+- `lab`: a method trained through `methods.train`'s own machinery (its LightningModule, its DataModule, the
+  Trainer `make_trainer` builds) for `steps` steps, timed by `methods.callbacks.Throughput` after `warmup`
+  steps. `inputs: data` reads through the DataModule's loaders (images made and transformed in workers,
+  pinned memory); `inputs: resident` replays one batch made by that DataModule and kept on the device, so
+  the step's own cost is measured without the data path.
+- `bare`: the ceiling: open_clip's model with its ClipLoss and fused AdamW, the inputs on the device, nothing
+  else; timed the same way (the device's clock on a GPU).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from configs.files import write_atomic
+from configs.registry import Registry
+from datamodules.datamodule import collate
+from methods.callbacks import Throughput
+from methods.train import build, compose_train, make_trainer
+
+
+def device_of(cfg: Any) -> torch.device:
+    """The device the config's trainer runs on."""
+    gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if gpu else "cpu")
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """The peak of this process: GPU memory allocated by tensors on a GPU, else the host's resident set."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "memory_kind": "GPU allocated"}
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "memory_kind": "host RSS"}
+
+
+def summarise(step_times: list[float], batch: int) -> dict[str, Any]:
+    """Median samples/s over the measured steps, and the step time it comes from."""
+    if not step_times:
+        raise RuntimeError("no step was measured after the warm-up; raise perf.steps")
+    median = statistics.median(step_times)
+    return {"samples_per_sec": batch / median, "step_time_s": median, "measured_steps": len(step_times)}
+
+
+class SyncCount(L.Callback):
+    """On a GPU, counts the host-device syncs of the measured steps (`torch.cuda.set_sync_debug_mode`: each
+    synchronizing CUDA call warns), from the first step after the warm-up; the work at an epoch's end is not
+    counted. `per_step`: syncs per measured step."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.steps, self.count = warmup, 0, 0
+        self._catcher: Any = None
+        self._caught: list[warnings.WarningMessage] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if module.device.type != "cuda" or trainer.global_step < self.warmup:
+            return
+        if self._catcher is None:
+            self._catcher = warnings.catch_warnings(record=True)
+            self._caught = self._catcher.__enter__()
+            warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        self.steps += 1
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._catcher is not None:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._catcher is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self.count = sum("synchronizing" in str(w.message) for w in self._caught)
+            self._catcher.__exit__(None, None, None)
+            self._catcher = None
+
+    @property
+    def per_step(self) -> float | None:
+        return self.count / self.steps if self.steps else None
+
+
+class _Replay(Dataset):
+    """The same batch `n` times (a DataLoader with batch_size=None hands it over as it is)."""
+
+    def __init__(self, batch: dict[str, Any], n: int) -> None:
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.batch
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+class ResidentBatches(L.LightningDataModule):
+    """One batch built by a method's own DataModule (its fields included), moved to the device once and replayed:
+    the step runs without any data path."""
+
+    def __init__(self, datamodule: L.LightningDataModule, batch_size: int, steps: int, device: torch.device) -> None:
+        super().__init__()
+        self.dm, self.batch_size, self.steps, self.device = datamodule, batch_size, steps, device
+        self.batch: dict[str, Any] | None = None
+
+    def prepare_data(self) -> None:
+        self.dm.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.batch is None:
+            random.seed(0)  # the fields draw negatives with `random`
+            ds = self.dm.dataset("train")
+            batch = collate([ds[i % len(ds)] for i in range(self.batch_size)])
+            self.batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Replay(self.batch, self.steps), batch_size=None, collate_fn=_as_is)
+
+
+def lab_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A method through the lab's Trainer; see the module docstring."""
+    with tempfile.TemporaryDirectory(prefix="clipcomp-perf-") as tmp:
+        cfg = compose_train([*row["overrides"], f"runs_dir={tmp}"])
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        module, dm = build(cfg)
+        device = device_of(cfg)
+        data = ResidentBatches(dm, cfg.data.batch_size, row["steps"], device) if row["inputs"] == "resident" else dm
+        throughput, syncs = Throughput(None, warmup=row["warmup"]), SyncCount(row["warmup"])
+        trainer = make_trainer(cfg, Path(tmp), [throughput, syncs], logger=False, enable_checkpointing=False,
+                               enable_model_summary=False)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        trainer.fit(module, datamodule=data)
+        out = summarise(throughput.step_times, throughput.samples) | peak_memory(device)
+        return out | {"clock": throughput.summary()["clock"], "syncs_per_step": syncs.per_step,
+                      "precision": str(trainer.precision)}
+
+
+def bare_row(row: dict[str, Any]) -> dict[str, Any]:
+    """open_clip's model, its ClipLoss and fused AdamW on inputs already on the device: the practical ceiling."""
+    import open_clip
+
+    from methods.backbone import create_backbone
+
+    cfg = compose_train(row["overrides"])
+    device = device_of(cfg)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    model = create_backbone(cfg.model)[0].to(device)
+    b, size, ctx = cfg.data.batch_size, model.visual.image_size, model.context_length
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    images = torch.randn(b, 3, *size, device=device)
+    texts = torch.randint(1, model.vocab_size - 1, (b, ctx), device=device)
+    loss_fn = open_clip.ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=True)
+    forward = torch.compile(model) if row["compile"] else model
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    marks: list[Any] = []
+    for _ in range(row["steps"]):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(*forward(images, texts))  # (image features, text features, logit scale)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        marks.append(_mark(device))
+    times = _elapsed(marks[row["warmup"]:], device)
+    return summarise(times, b) | peak_memory(device) | {"clock": "device" if device.type == "cuda" else "host",
+                                                        "precision": "bf16 autocast" if bf16 else "fp32"}
+
+
+def _mark(device: torch.device) -> Any:
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _elapsed(marks: list[Any], device: torch.device) -> list[float]:
+    """Seconds between consecutive marks (CUDA events on a GPU: read once, at the end)."""
+    if device.type != "cuda":
+        return [b - a for a, b in zip(marks, marks[1:])]
+    marks[-1].synchronize()
+    return [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+
+
+ROWS: Registry[Callable[[dict[str, Any]], dict[str, Any]]] = Registry("perf row kind")
+ROWS.register("lab")(lab_row)
+ROWS.register("bare")(bare_row)
+
+
+def main(argv: list[str] | None = None) -> int:
+    row_file, result_file = sys.argv[1:] if argv is None else argv
+    row = json.loads(Path(row_file).read_text())
+    result = ROWS.get(row["kind"])(row)
+    write_atomic(result_file, json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

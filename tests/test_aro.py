@@ -1,0 +1,157 @@
+"""ARO on fixture files in the real formats, with a stand-in model whose choices are known by construction."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.aro import excluded_relations, order_options
+from benchmarks.base import BENCHMARKS
+from benchmarks.formats import pre_caption
+from benchmarks.real import ImageFiles, ImageRef
+from datamodules.images import BadRecords
+from datamodules.negatives import order_negatives
+from fixtures.make_benchmark_data import make
+
+from benchmark_standins import StandIn, context
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    return make(tmp_path_factory.mktemp("bench-data"))
+
+
+def records(fx, name):
+    return json.loads((fx.root / "aro" / name).read_text())
+
+
+def test_the_shipped_exclusion_list_is_aros_157_relations():
+    excluded = excluded_relations()
+    assert len(excluded) == 157
+    assert {"next to", "with", "near", "by", "of", "beside", "holding onto"} <= excluded
+    assert not {"on", "behind", "wearing", "holding", "in front of", "to the left of"} & excluded
+
+
+def test_vg_relation_macro_averages_by_hand_with_and_without_the_excluded_relations(fx):
+    recs = records(fx, "visual_genome_relation.json")
+    wearing = [r for r in recs if r["relation_name"] == "wearing"]
+    # the model prefers the true caption for every "on" and "next to" record and the first "wearing" one,
+    # the false caption for "behind"; it ties on the rest ("holding", "with", the second "wearing")
+    prefer = {r["true_caption"] for r in recs if r["relation_name"] in ("on", "next to")} | {wearing[0]["true_caption"]}
+    prefer |= {r["false_caption"] for r in recs if r["relation_name"] == "behind"}
+    model = StandIn(lambda t: [1.0 if t in prefer else 0.5, 0.0])
+    result = BENCHMARKS.get("vg_relation")(context(model, fx.root))
+    # per relation: on 1, behind 0, wearing 1/2, holding 0 (tie = wrong); excluded: next to 1, with 0 (tie)
+    assert result.metrics["vg_relation"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
+    assert result.metrics["vg_relation/all_relations"] == pytest.approx((1 + 0 + 0.5 + 0 + 1 + 0) / 6)
+    rows = {d["relation"]: d for d in result.details}
+    assert {r: (d["accuracy"], d["count"], d["excluded_symmetric"]) for r, d in rows.items()} == {
+        "on": (1.0, 3, False), "behind": (0.0, 2, False), "wearing": (0.5, 2, False), "holding": (0.0, 1, False),
+        "next to": (1.0, 2, True), "with": (0.0, 1, True)}
+
+
+def test_vg_crops_are_the_records_boxes_and_each_crop_is_encoded_once(fx):
+    recs = records(fx, "visual_genome_relation.json")
+    model = StandIn(lambda t: [0.5, 0.0])
+    BENCHMARKS.get("vg_relation")(context(model, fx.root))
+    boxes = {(r["image_path"], r["bbox_x"], r["bbox_y"], r["bbox_w"], r["bbox_h"]) for r in recs}
+    assert sorted(model.sizes) == sorted((b[3], b[4]) for b in boxes)  # one crop per distinct (image, box)
+    # the crop is ARO's image.crop((x, y, x + w, y + h)) after convert("RGB")
+    r = recs[3]
+    path = fx.root / "aro" / "images" / r["image_path"]
+    box = (r["bbox_x"], r["bbox_y"], r["bbox_w"], r["bbox_h"])
+    crop = ImageFiles([ImageRef(str(path), box)], ["record 3"], lambda im: im).load(0)
+    from PIL import Image
+    whole = np.asarray(Image.open(path).convert("RGB"))
+    assert np.array_equal(np.asarray(crop), whole[box[1]:box[1] + box[3], box[0]:box[0] + box[2]])
+
+
+def test_vg_options_carry_their_own_triples_where_the_record_has_them(fx):
+    recs = records(fx, "visual_genome_relation.json")
+    model = StandIn(lambda t: [0.5, 0.0])
+    BENCHMARKS.get("vg_relation")(context(model, fx.root))
+    encoded = {text: graph for text, graph in model.pairs}
+    with_triples = [r for r in recs if "true_triples" in r]
+    assert with_triples and len(with_triples) < len(recs)
+    for r in recs:
+        for caption, key in ((r["true_caption"], "true_triples"), (r["false_caption"], "false_triples")):
+            graph = encoded[caption]
+            if key in r:
+                assert [list(t) for t in graph.triples()] == r[key]
+            else:
+                assert graph is None
+
+
+def test_vg_attribution_drops_pairs_under_25_then_macro_averages(fx):
+    recs = records(fx, "visual_genome_attribution.json")
+    red_blue = [r for r in recs if r["attributes"][:2] == ["red", "blue"]]
+    # true preferred: all white/black (26) and wooden/metal (3), the first 10 of red/blue (25); small/large (24) ties
+    prefer = {r["true_caption"] for r in recs if r["attributes"][0] in ("white", "wooden")}
+    prefer |= {r["true_caption"] for r in red_blue[:10]}
+    model = StandIn(lambda t: [1.0 if t in prefer else 0.5, 0.0])
+    result = BENCHMARKS.get("vg_attribution")(context(model, fx.root))
+    assert result.metrics["vg_attribution"] == pytest.approx((1.0 + 10 / 25) / 2)  # only the pairs with >= 25 cases
+    rows = {d["attributes"]: (d["accuracy"], d["count"], d["kept"]) for d in result.details}
+    assert rows == {"white_black": (1.0, 26, True), "red_blue": (0.4, 25, True), "small_large": (0.0, 24, False),
+                    "wooden_metal": (1.0, 3, False)}
+
+
+def test_pre_caption_is_aros():
+    assert pre_caption("A man (in a hat) rides: a horse!  ") == "a man in a hat rides a horse"
+    assert pre_caption("Two dogs, a cat's toy; and #1 ~ball*.") == "two dogs, a cat's toy and 1 ball"
+    assert pre_caption(" ".join(f"w{i}" for i in range(40))) == " ".join(f"w{i}" for i in range(30))
+    assert pre_caption("road .") == "road" and pre_caption("A\tB") == "a\tb"  # one tab is no run of whitespace
+
+
+def simple_tagger(fx, seen=None):
+    def tag(texts):
+        if seen is not None:
+            seen.extend(texts)
+        return [fx.tags[t] for t in texts]  # a KeyError if the caption was not stripped as the parses were made
+    return tag
+
+
+def test_order_options_tag_the_raw_caption_and_pre_caption_every_option(fx):
+    raw = "The dog is sitting near the wooden street, and a road is near the wooden dog "
+    seen = []
+    (row,) = order_options([raw], ["f:record 0 caption 0"], simple_tagger(fx, seen), np.random.default_rng(1),
+                           BadRecords())
+    assert seen == [raw.strip()]
+    assert row[0] == "the dog is sitting near the wooden street, and a road is near the wooden dog"
+    words, tags = zip(*fx.tags[raw.strip()])
+    expected = order_negatives(list(words), list(tags), np.random.default_rng(1))
+    assert row[1:] == [pre_caption(s) for s in expected]  # ARO's order: nouns/adj, all but, within trigrams, trigrams
+    assert all(sorted(o.replace(",", " ,").split()) == sorted(row[0].replace(",", " ,").split()) for o in row[1:])
+
+
+def _originals(fx, dataset, file):
+    data = json.loads((fx.root / dataset / file).read_text())
+    return data, {" ".join(c.lower().replace(".", " ").split()): i for i, e in enumerate(data) for c in e["caption"]}
+
+
+def test_order_ties_count_as_right(fx):
+    model = StandIn(lambda t: [0.5, 0.0])
+    ctx = context(model, fx.root)
+    ctx.cache["order_tagger"] = simple_tagger(fx)
+    assert BENCHMARKS.get("coco_order")(ctx).metrics == {"coco_order": 1.0}
+    assert BENCHMARKS.get("flickr30k_order")(ctx).metrics == {"flickr30k_order": 1.0}
+
+
+def test_order_accuracy_by_construction(fx):
+    data, originals = _originals(fx, "coco", "coco_karpathy_test.json")
+    dims = {f"coco/{e['image']}": i for i, e in enumerate(data)}
+    chosen = {0, 2}  # images whose captions the model gets right: 5 + 6 of the 31 captions
+
+    def vector(text):  # the original scores 1 with its own image when chosen, 0 otherwise; a shuffle 0.5 everywhere
+        if text in originals:
+            return [1.0 if (i == originals[text] and i in chosen) else 0.0 for i in range(len(data))]
+        return [0.5] * len(data)
+
+    model = StandIn(vector, fx.colours, dims, dim=len(data))
+    ctx = context(model, fx.root)
+    ctx.cache["order_tagger"] = simple_tagger(fx)
+    result = BENCHMARKS.get("coco_order")(ctx)
+    assert sum(len(e["caption"]) for e in data) == 31 and len(data[2]["caption"]) == 6
+    assert result.metrics["coco_order"] == pytest.approx(11 / 31)
+    assert model.sizes and len(model.sizes) == len(data)  # each image read once for 31 cases

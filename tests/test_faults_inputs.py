@@ -1,0 +1,109 @@
+"""Faults in what the lab reads and writes: a full disk never leaves half a file; corrupt and foreign checkpoints
+are named, never unpickled; a corrupt image stops training with its file and record named (also from a worker);
+a damaged result.json or config.yaml is named instead of crashing deep inside a parser."""
+from __future__ import annotations
+
+import errno
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+import configs.files
+from benchmarks.run import main as bench_main
+from benchmarks.sweep import read_result
+from datamodules.images import BadInput
+from methods import train as train_mod
+from test_negclip_tsv import write_fixture
+
+
+def test_a_full_disk_never_leaves_half_a_file(tmp_path, monkeypatch):
+    target = tmp_path / "result.json"
+    configs.files.write_atomic(target, '{"ok": 1}')
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])  # part of it got out, then the disk was full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    monkeypatch.setattr(configs.files, "open", lambda *a, **k: Full(real_open(*a, **k)), raising=False)
+    with pytest.raises(OSError, match=r"No space left on device: writing .*result.json \(nothing replaced"):
+        configs.files.write_atomic(target, '{"ok": 2, "more": "data"}')
+    assert target.read_text() == '{"ok": 1}' and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_corrupt_and_foreign_checkpoints_are_named_not_unpickled(make_cfg, tmp_path, capsys):
+    run = train_mod.train(make_cfg("trainer.limit_train_batches=2", "trainer.limit_val_batches=1"))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])  # a half-written file
+    assert bench_main([f"runs=[{run}]", "ckpt=last", f"out_dir={tmp_path / 'r'}"]) == 2
+    assert f"{ckpt}: not a readable checkpoint" in capsys.readouterr().err
+
+    class Evil:  # an object whose unpickling would run code
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    ckpt.write_bytes(pickle.dumps({"state_dict": Evil()}))
+    assert bench_main([f"runs=[{run}]", "ckpt=last", f"out_dir={tmp_path / 'r2'}"]) == 2
+    captured = capsys.readouterr()
+    assert "unpickled!" not in captured.out and "not a readable checkpoint" in captured.err
+
+    config = run / "config.yaml"
+    config.write_text(config.read_text()[:-40] + "\n  batch: [8,\n")  # cut short mid-value
+    assert bench_main([f"runs=[{run}]", f"out_dir={tmp_path / 'r3'}"]) == 2
+    assert f"{config}: not readable YAML at line" in capsys.readouterr().err
+    config.write_text("seed: 0\nmethod:\n  name: clip\n")  # cut short at a line end: sections missing
+    (run / "done.json").unlink()
+    assert train_mod.main([f"resume={run}"]) == 2
+    assert f"{config}: a run's config without model, data, trainer, optim (truncated?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_stops_training_naming_file_and_record(tmp_path, workers):
+    path = write_fixture(tmp_path)
+    image = tmp_path / "coco" / "val2014" / "COCO_val2014_000000000005.jpg"
+    image.write_bytes(image.read_bytes()[:60])  # a truncated JPEG
+    cfg = train_mod.compose_train([
+        "data=negclip_coco", f"data.options.train_file={path}", f"data.options.val_file={path}",
+        f"data.options.image_root={tmp_path / 'coco'}", "data.batch_size=4", "data.eval_batch_size=4",
+        f"data.num_workers={workers}", f"runs_dir={tmp_path / 'runs'}", "trainer=debug"])
+    with pytest.raises(BadInput, match=r"train.csv:7: cannot read image .*COCO_val2014_000000000005.jpg"):
+        train_mod.train(cfg)
+
+
+def test_a_damaged_sweep_result_is_named_kept_and_redone(tmp_path, capsys):
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    assert read_result(cell) is None  # not run yet
+    configs.files.write_atomic(cell / "result.json", '{"rows": [{"method": "clip", "syn_relation": 0.5}]}')
+    assert read_result(cell)["rows"][0]["method"] == "clip"
+    (cell / "result.json").write_text('{"rows": [{"method": "cl')  # truncated by something outside the lab
+    assert read_result(cell) is None
+    err = capsys.readouterr().err
+    assert f"{cell / 'result.json'}: damaged result (JSONDecodeError" in err and "result.damaged-1.json" in err
+    assert (cell / "result.damaged-1.json").read_text() == '{"rows": [{"method": "cl'  # kept, not lost
+    assert not (cell / "result.json").exists()
+
+
+def test_checkpoint_io_round_trips_what_lightning_hands_it(tmp_path):
+    from methods.checkpoints import AtomicCheckpointIO
+
+    io, weights = AtomicCheckpointIO(), {"w": torch.arange(6.0).reshape(2, 3)}
+    io.save_checkpoint(weights, tmp_path / "sub" / "weights.ckpt")  # ddp_spawn returns bare weights this way
+    assert torch.equal(io.load_checkpoint(tmp_path / "sub" / "weights.ckpt")["w"], weights["w"])
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["weights.ckpt"]  # no temporary file left

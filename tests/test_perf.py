@@ -1,0 +1,155 @@
+"""`make perf` and the fast step: the device-side non-finite guard, the measurement rows on the CPU, open_clip's
+trainer driven and read, the ratios and goals. Speeds are printed by `make perf`, never asserted here."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.perf import lab_overrides, load_spec, plan
+from benchmarks.perf_openclip import stand_in, trainer_arguments, windows
+from benchmarks.perf_report import goals, markdown, with_ratios
+from benchmarks.perf_rows import lab_row
+from configs import ConfigError
+from methods import METHODS
+from methods.guard import LaggedRead, NonFiniteSteps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model_and_optimizer(fused: bool):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused, foreach=None if fused else False)
+
+
+def _step(model, optimizer, guard, x):
+    model(x).sum().backward()
+    total, in_a_row = guard.check(optimizer, list(model.parameters()))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(total), in_a_row
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_non_finite_step_changes_no_weight_and_no_moment(fused):
+    model, optimizer = _model_and_optimizer(fused)
+    guard = NonFiniteSteps()
+    good = torch.ones(2, 4)
+    assert _step(model, optimizer, guard, good) == (0.0, 0.0)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moments = {n: optimizer.state[p]["exp_avg"].clone() for n, p in model.named_parameters()}
+    steps = {n: float(optimizer.state[p]["step"]) for n, p in model.named_parameters()}
+    bad = torch.full((2, 4), float("nan"))
+    assert _step(model, optimizer, guard, bad) == (1.0, 1.0)
+    assert _step(model, optimizer, guard, bad) == (2.0, 2.0)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, weights[n]) and torch.equal(optimizer.state[p]["exp_avg"], moments[n])
+        assert float(optimizer.state[p]["step"]) == steps[n]  # AdamW's bias correction did not move on
+    assert _step(model, optimizer, guard, good) == (2.0, 0.0)  # a good step ends the run of bad ones
+    assert any(not torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+def test_lagged_read_on_the_cpu_is_the_value_just_pushed():
+    read = LaggedRead()
+    assert read.push(torch.tensor(3.0)) == 3.0 and read.push(torch.tensor(0.0)) == 0.0
+
+
+def test_plan_has_every_registered_method_each_input_and_mode_beside_the_references():
+    spec = load_spec(["perf=cpu", "compile=[false,true]"])
+    rows = plan(spec)
+    for mode in ("eager", "compiled"):
+        assert [r["kind"] for r in rows if r["mode"] == mode][:2] == ["openclip", "bare"]
+        lab = {(r["method"], r["inputs"]) for r in rows if r["mode"] == mode and r["kind"] == "lab"}
+        assert lab == {(m, i) for m in METHODS.names() for i in ("data", "resident")}
+    assert "model.compile=true" in rows[-1]["overrides"] and "trainer.limit_val_batches=0" in rows[-1]["overrides"]
+    with pytest.raises(KeyError, match="unknown method 'nosuch'; available: clip"):
+        plan(load_spec(["perf=cpu", "methods=[nosuch]"]))
+    with pytest.raises(ConfigError, match="unknown config key 'stepz'"):
+        load_spec(["perf=cpu", "stepz=3"])
+
+
+def test_auto_picks_the_cpu_file_without_a_gpu_and_says_so(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load_spec([]).name == "cpu"
+    assert "no GPU: configs/perf/cpu.yaml" in capsys.readouterr().out
+
+
+def test_ratios_goals_and_table():
+    rows = [
+        {"kind": "openclip", "name": "oc", "mode": "eager", "samples_per_sec": 100.0, "step_time_s": 0.32},
+        {"kind": "bare", "name": "bare", "mode": "eager", "samples_per_sec": 200.0, "step_time_s": 0.16},
+        {"kind": "lab", "name": "clip d", "method": "clip", "inputs": "data", "mode": "eager",
+         "samples_per_sec": 120.0, "step_time_s": 32 / 120},
+        {"kind": "lab", "name": "clip r", "method": "clip", "inputs": "resident", "mode": "eager",
+         "samples_per_sec": 160.0, "step_time_s": 0.2},
+        {"kind": "lab", "name": "neg r", "method": "negclip", "inputs": "resident", "mode": "eager",
+         "samples_per_sec": 80.0, "step_time_s": 0.4, "peak_memory_bytes": 3 * 2**30, "memory_kind": "GPU allocated"},
+        {"kind": "lab", "name": "sc r", "method": "structureclip", "inputs": "resident", "mode": "eager",
+         "error": "exit status 1: boom"},
+    ]
+    out = with_ratios(rows)
+    assert out[2]["vs_openclip"] == pytest.approx(1.2) and out[3]["vs_bare"] == pytest.approx(0.8)
+    assert out[4]["step_vs_clip"] == pytest.approx(2.0) and "vs_openclip" not in out[5]
+    checks = {g["goal"]: g for g in goals(out, {"clip_vs_openclip": 1.0, "clip_vs_bare": 0.9,
+                                                "step_time_vs_clip": {"negclip": 1.6, "structureclip": 1.6}})}
+    assert checks["clip (data path, eager) >= 1.0x open_clip trainer (eager)"]["met"] is True
+    assert checks["clip (resident, eager) >= 0.9x bare step (eager)"]["met"] is False
+    assert checks["negclip step (resident, eager) <= 1.6x clip's"]["met"] is False
+    assert not any("compiled" in g for g in checks)  # no compiled rows, no compiled goals
+    spec = {"name": "cpu", "note": "", "model": "tiny", "batch_size": 32, "steps": 16, "warmup": 4, "log_every": 4}
+    machine = {"gpu": None, "cpu_count": 2, "torch": "t", "lightning": "l", "open_clip": "o"}
+    text = markdown({"spec": spec, "machine": machine, "rows": out, "goals": list(checks.values())})
+    assert "| neg r | 80 | 400.0 | 0.80x | 0.40x | 2.00x | 3.00 GiB GPU |" in text
+    assert "| sc r | failed: exit status 1: boom |" in text and "(NOT met)" in text
+
+
+def test_open_clip_windows_arguments_and_stand_ins():
+    marks = [(0.0, 8), (1.0, 16), (1.5, 32), (2.5, 48)]
+    assert windows(marks, skip_samples=0) == [8.0, 32.0, 16.0]
+    assert windows(marks, skip_samples=16) == [32.0, 16.0]
+    args = trainer_arguments(model="m", quick_gelu=True, batch=8, steps=5, workers=2, precision="amp_bf16",
+                             compile=True, device="cuda", log_every=2)
+    pairs = dict(zip(args[::2], args[1::2]))
+    assert pairs["--train-num-samples"] == "40" and pairs["--log-every-n-steps"] == "2" and pairs["--logs"] == "none"
+    assert args[-2:] == ["--force-quick-gelu", "--torchcompile"]
+    module = stand_in("webdataset")
+
+    class Stage(module.PipelineStage):  # open_clip_train subclasses it at import time
+        pass
+
+    with pytest.raises(ImportError, match="webdataset is not installed"):
+        Stage()
+
+
+def test_open_clip_trainer_row_on_the_cpu(tmp_path):
+    """open_clip_train.main really runs on the tiny model and its progress lines are read."""
+    from methods.train import compose_train
+    from omegaconf import OmegaConf
+
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(OmegaConf.to_container(compose_train([]).model.arch)))
+    theirs = trainer_arguments(model="clipcomp-tiny", quick_gelu=False, batch=8, steps=6, workers=0, precision="fp32",
+                               compile=False, device="cpu", log_every=1)
+    result = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "benchmarks.perf_openclip", str(result), "2", str(arch), "--", *theirs]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = json.loads(result.read_text())
+    assert out["windows"] == 4 and out["samples_per_sec"] > 0 and out["memory_kind"] == "host RSS"
+
+
+@pytest.mark.parametrize("method,inputs", [("clip", "data"), ("structureclip", "resident")])
+def test_lab_row_through_the_trainer_on_the_cpu(tmp_path, method, inputs):
+    spec = load_spec(["perf=cpu", "batch_size=8", "steps=6", "warmup=2", "log_every=2", "num_workers=0",
+                      "data_args=[data.options.train_size=64]"])
+    overrides = lab_overrides(spec, method, inputs, False) + [f"cache_dir={tmp_path}", "method.kee_layers=2"
+                                                               if method == "structureclip" else "seed=0"]
+    out = lab_row({"kind": "lab", "overrides": overrides, "inputs": inputs, "steps": 6, "warmup": 2})
+    assert out["measured_steps"] == 3 and out["samples_per_sec"] > 0 and out["clock"] == "host"
+    assert out["precision"] == "32-true" and out["syncs_per_step"] is None  # counted on a GPU only
