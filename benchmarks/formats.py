@@ -19,7 +19,7 @@ import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from datamodules.graph import Entity, Relation, SceneGraph
 from datamodules.images import BadInput, BadRecords
@@ -140,11 +140,21 @@ def _vg_case(record: Any, where: str, kind: str) -> VGCase:
 
 def read_vg(path: Path, kind: str, bad: BadRecords) -> list[VGCase]:
     """ARO's VG-Relation (`kind="relation"`) or VG-Attribution (`kind="attribution"`) records, in file order."""
-    data = load_json(path, f"ARO VG-{kind.capitalize()} file", path.name)
+    return read_list(path, f"ARO VG-{kind.capitalize()} file", "records", bad,
+                     lambda r, where: _vg_case(r, where, kind))
+
+
+Item = TypeVar("Item")
+
+
+def read_list(path: Path, what: str, shape: str, bad: BadRecords, make: Callable[[Any, str], Item | None]) -> list[Item]:
+    """A JSON list file's records, each through `make(record, "<path>:record <i>")` under `bad.guard` (skipped
+    and counted with skip_bad, else the error names the record); records made into None are dropped."""
+    data = load_json(path, what, path.name)
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    cases = [bad.guard(lambda r=r, i=i: _vg_case(r, f"{path}:record {i}", kind)) for i, r in enumerate(data)]
-    return [c for c in cases if c is not None]
+        raise ValueError(f"{path}: expected a JSON list of {shape}, got {type(data).__name__}")
+    items = [bad.guard(lambda r=r, i=i: make(r, f"{path}:record {i}")) for i, r in enumerate(data)]
+    return [x for x in items if x is not None]
 
 
 @dataclass(frozen=True)
@@ -172,11 +182,8 @@ def _karpathy_entry(record: Any, where: str, bad: BadRecords) -> KarpathyImage |
 
 def read_karpathy(path: Path, bad: BadRecords) -> list[KarpathyImage]:
     """The images of a BLIP Karpathy file, in file order; an image whose captions were all skipped is dropped."""
-    data = load_json(path, "Karpathy split file", path.name)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of {{'image', 'caption'}} records, got {type(data).__name__}")
-    entries = [bad.guard(lambda r=r, i=i: _karpathy_entry(r, f"{path}:record {i}", bad)) for i, r in enumerate(data)]
-    return [e for e in entries if e is not None]
+    return read_list(path, "Karpathy split file", "{'image', 'caption'} records", bad,
+                     lambda r, where: _karpathy_entry(r, where, bad))
 
 
 @dataclass(frozen=True)

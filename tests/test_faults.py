@@ -4,7 +4,6 @@ checkpoint whole; a 2-process DDP run where one rank fails ends with the error i
 from __future__ import annotations
 
 import csv
-import errno
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import torch
 
 from methods import train as train_mod
 from methods.checkpoints import read_checkpoint
+from tests_support import FullDisk
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,33 +107,12 @@ def test_a_full_disk_mid_checkpoint_keeps_the_previous_one(make_cfg, monkeypatch
 
     real_open, state = open, {"saved": 0}
 
-    class FullDisk:
-        """A file on a disk that fills up after half of what is written to it."""
-
-        def __init__(self, f):
-            self.f, self.budget = f, 3_000_000  # bytes; a checkpoint of the tiny model is about 86 MB
-
-        def write(self, data):
-            if len(data) > self.budget:
-                self.f.write(bytes(data)[: self.budget])
-                raise OSError(errno.ENOSPC, "No space left on device")
-            self.budget -= len(data)
-            return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
     def fake_open(path, mode="r", *args, **kwargs):
         f = real_open(path, mode, *args, **kwargs)
         if "step.ckpt" in str(path) and "w" in mode:
             state["saved"] += 1
-            return FullDisk(f) if state["saved"] >= 2 else f  # the second periodic checkpoint hits the full disk
+            # the second periodic checkpoint hits a disk that fills after 3 MB (the tiny model's is about 86 MB)
+            return FullDisk(f, budget=3_000_000) if state["saved"] >= 2 else f
         return f
 
     monkeypatch.setattr(configs.files, "open", fake_open, raising=False)

@@ -3,7 +3,6 @@ are named, never unpickled; a corrupt image stops training with its file and rec
 a damaged result.json or config.yaml is named instead of crashing deep inside a parser."""
 from __future__ import annotations
 
-import errno
 import pickle
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from benchmarks.sweep import read_result
 from datamodules.images import BadInput
 from methods import train as train_mod
 from test_negclip_tsv import write_fixture
+from tests_support import FullDisk
+from tests_support import FullDisk
 
 
 def test_a_full_disk_never_leaves_half_a_file(tmp_path, monkeypatch):
@@ -23,24 +24,7 @@ def test_a_full_disk_never_leaves_half_a_file(tmp_path, monkeypatch):
     configs.files.write_atomic(target, '{"ok": 1}')
     real_open = open
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, text):
-            self.f.write(text[: len(text) // 2])  # part of it got out, then the disk was full
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-    monkeypatch.setattr(configs.files, "open", lambda *a, **k: Full(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(configs.files, "open", lambda *a, **k: FullDisk(real_open(*a, **k), budget=5), raising=False)
     with pytest.raises(OSError, match=r"No space left on device: writing .*result.json \(nothing replaced"):
         configs.files.write_atomic(target, '{"ok": 2, "more": "data"}')
     assert target.read_text() == '{"ok": 1}' and [p.name for p in tmp_path.iterdir()] == ["result.json"]

@@ -1,4 +1,5 @@
 """Shared test settings and readers, written independently of the code under test."""
+import errno
 import re
 
 TINY_ARGS = [
@@ -24,3 +25,26 @@ CLAUSE = [
     re.compile(rf"^there is (?P<da>an?) (?P<s>.+?) (?P<p>{_P}) (?P<db>an?) (?P<o>.+)$"),
     re.compile(rf"^the (?P<s>.+?) is (?P<p>{_P}) the (?P<o>.+)$"),
 ]
+
+
+class FullDisk:
+    """A file on a disk that fills up after `budget` bytes: a write past it puts out what fits, then raises ENOSPC."""
+
+    def __init__(self, f, budget: int):
+        self.f, self.budget = f, budget
+
+    def write(self, data):
+        if len(data) > self.budget:
+            self.f.write(data[: self.budget])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.budget -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
