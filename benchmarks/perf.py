@@ -59,6 +59,7 @@ class PerfSpec:
     compile: list[bool] = field(default_factory=lambda: [False])
     inputs: list[str] = field(default_factory=lambda: ["data", "resident"])
     methods: list[str] = field(default_factory=lambda: ["all"])
+    data_methods: list[str] = field(default_factory=lambda: ["all"])  # the methods that also get a `data` row
     openclip: bool = True
     openclip_precision: str = "fp32"  # open_clip_train's --precision (amp_bf16 is bf16 autocast)
     bare: bool = True
@@ -114,6 +115,8 @@ def plan(spec: PerfSpec) -> list[dict[str, Any]]:
                                   "overrides": lab_overrides(spec, "clip", "resident", compiled)})
         for method in methods:
             for inputs in spec.inputs:
+                if inputs == "data" and spec.data_methods != ["all"] and method not in spec.data_methods:
+                    continue
                 rows.append(common | {"kind": "lab", "name": f"{method} · {inputs} · {m}", "method": method,
                                       "inputs": inputs, "mode": m, "compile": compiled,
                                       "overrides": lab_overrides(spec, method, inputs, compiled)})
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     except (configs.ConfigError, KeyError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
-    out = new_folder(Path(spec.out_dir) / f"perf-{time.strftime('%Y%m%d-%H%M%S')}")
+    # absolute: each row's process runs in a folder of its own
+    out = new_folder(Path(spec.out_dir).resolve() / f"perf-{time.strftime('%Y%m%d-%H%M%S')}")
     info = {"spec": OmegaConf.to_container(OmegaConf.structured(spec)), "machine": machine(), "rows": []}
     print(f"perf: {len(rows)} rows ({spec.name}: model={spec.model}, batch {spec.batch_size}, {spec.steps} steps, "
           f"warm-up {spec.warmup}); results in {out}")

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,6 +63,7 @@ class SyncCount(L.Callback):
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.steps, self.count = warmup, 0, 0
+        self.sites: list[tuple[str, int]] = []  # (file:line that synchronized, times), most frequent first
         self._catcher: Any = None
         self._caught: list[warnings.WarningMessage] = []
 
@@ -82,7 +84,9 @@ class SyncCount(L.Callback):
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self._catcher is not None:
             torch.cuda.set_sync_debug_mode("default")
-            self.count = sum("synchronizing" in str(w.message) for w in self._caught)
+            found = [w for w in self._caught if "synchronizing" in str(w.message)]
+            self.count = len(found)
+            self.sites = Counter(f"{w.filename}:{w.lineno}" for w in found).most_common(6)
             self._catcher.__exit__(None, None, None)
             self._catcher = None
 
@@ -146,7 +150,7 @@ def lab_row(row: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(device)
         trainer.fit(module, datamodule=data)
         out = summarise(throughput.step_times, throughput.samples) | peak_memory(device)
-        return out | {"clock": throughput.summary()["clock"], "syncs_per_step": syncs.per_step,
+        return out | {"clock": throughput.summary()["clock"], "syncs_per_step": syncs.per_step, "sync_sites": syncs.sites,
                       "precision": str(trainer.precision)}
 
 
