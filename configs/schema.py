@@ -68,10 +68,15 @@ class DataConfig:
     normalize_on_device: Optional[bool] = None  # images cross as uint8, ToTensor+Normalize on the device (None: on a GPU)
     caption_sampling: str = "random"  # "random": any true caption each time; "first": the canonical one
     augment: bool = False  # use the model's training transform (random crops) instead of the eval transform
+    # cut the caption-token columns after the batch's longest caption, rounded up to a multiple of this (0: keep
+    # the tokenizer's full context). Only where the method's features do not change by it (a causal text tower
+    # pooled at the end token: the kept tokens see what they saw before), so the text tower does less work.
+    trim_text: int = 16
     options: Any = None
 
     RULES: ClassVar[dict[str, Rule]] = {"batch_size": at_least(1), "eval_batch_size": at_least(1),
-                                        "num_workers": at_least(0), "caption_sampling": one_of("random", "first")}
+                                        "num_workers": at_least(0), "caption_sampling": one_of("random", "first"),
+                                        "trim_text": at_least(0)}
 
 
 @dataclass

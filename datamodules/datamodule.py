@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.device_images import finish_images
 from datamodules.device_images import split as split_transform
-from datamodules.fields import FIELDS, FieldContext, check_source_offers
+from datamodules.fields import CAPTION_TOKEN_FIELDS, FIELDS, FieldContext, check_source_offers
 from datamodules.sampling import Draw, EpochSampler, ResumableLoader, derive_seed
 from datamodules.source import SOURCES, Source
 
@@ -116,8 +117,9 @@ class HostList:
         return iter(self.items)
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors and numbers; captions stay a list of str, other objects (graphs) a HostList."""
+def collate(items: list[dict[str, Any]], trim_text: int = 0) -> dict[str, Any]:
+    """Stack tensors and numbers; captions stay a list of str, other objects (graphs) a HostList.
+    `trim_text` > 0: the caption-token fields are cut to one common length (see `trim_caption_tokens`)."""
     batch: dict[str, Any] = {}
     for key in items[0]:
         values = [it[key] for it in items]
@@ -129,7 +131,21 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
             batch[key] = values
         else:
             batch[key] = HostList(values)
-    return batch
+    return trim_caption_tokens(batch, trim_text) if trim_text > 0 else batch
+
+
+def trim_caption_tokens(batch: dict[str, Any], multiple: int) -> dict[str, Any]:
+    """Cut every caption-token field (CAPTION_TOKEN_FIELDS) after the batch's longest text, rounded up to a
+    multiple of `multiple` (few distinct shapes for a compiled tower), never beyond the context. One length
+    for all of them, since methods encode them in one call. The end token is the highest id (open_clip's
+    argmax pooling), so its position is each text's length. Runs in the loader's workers: no device sync."""
+    present = [k for k in CAPTION_TOKEN_FIELDS if isinstance(batch.get(k), torch.Tensor)]
+    if not present:
+        return batch
+    context = batch[present[0]].shape[-1]
+    longest = max(int(batch[k].argmax(dim=-1).max()) + 1 for k in present)
+    keep = min(context, -(-longest // multiple) * multiple)
+    return batch | {k: batch[k][..., :keep].contiguous() for k in present}
 
 
 def source_options(cfg: DictConfig) -> Any:
@@ -147,9 +163,10 @@ class CaptionDataModule(L.LightningDataModule):
 
     def __init__(self, cfg: DictConfig, *, preprocess_train: Callable, preprocess_val: Callable,
                  tokenizer: Callable, extra_fields: Sequence[str] = (), field_options: dict[str, Any] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, trim_text: bool = False) -> None:
         super().__init__()
         self.cfg, self.seed = cfg, seed
+        self.trim_text = trim_text  # the method's features allow cutting caption tokens (cfg.trim_text: the multiple)
         self.preprocess_train = preprocess_train if cfg.augment else preprocess_val
         self.preprocess_val = preprocess_val
         self.tokenize = CachedTokenizer(tokenizer)
@@ -213,7 +230,8 @@ class CaptionDataModule(L.LightningDataModule):
         # workers build batches ahead (prefetch_factor each) into pinned memory, so the copy to the GPU is
         # asynchronous and the step never waits on decoding while the workers keep up
         ahead = {"prefetch_factor": self.cfg.prefetch_factor} if workers > 0 else {}
-        return {"num_workers": workers, "pin_memory": pin, "collate_fn": collate,
+        collate_fn = partial(collate, trim_text=self.cfg.trim_text if self.trim_text else 0)
+        return {"num_workers": workers, "pin_memory": pin, "collate_fn": collate_fn,
                 "persistent_workers": workers > 0 and self.cfg.persistent_workers, **ahead}
 
     def train_dataloader(self) -> ResumableLoader:

@@ -45,6 +45,9 @@ NEEDS: dict[str, tuple[str, Callable[[Sample], bool]]] = {
     "caption_graph": ("scene graphs", lambda s: bool(s.extra.get("caption_graphs")) or s.graph is not None),
 }
 NEEDS["caption_triples"] = NEEDS["caption_graph"]
+# the fields holding caption token ids in the tokenizer's context (a loader may cut them to the batch's longest)
+CAPTION_TOKEN_FIELDS = ("text", "neg_text", "hard_text", "hard_neg_text", "partial_text", "entity_text", "triple_text",
+                        "triple_hard")
 TRIPLE_ELEMENT_TOKENS = 8  # token ids per triple element: start, up to 6 word pieces, end
 
 

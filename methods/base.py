@@ -14,11 +14,13 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor
 
 from configs.registry import Registry
 from datamodules.graph import SceneGraph
+from methods import towers
 from methods.backbone import compile_towers, create_backbone
 from methods.guard import NonFiniteSteps
 from methods.losses import contrastive_loss
@@ -53,6 +55,7 @@ class ContrastiveMethod(L.LightningModule):
         name: str = "clip"
 
     extra_fields: ClassVar[tuple[str, ...]] = ()  # per-sample fields asked of the DataModule (datamodules/fields.py)
+    trim_safe: ClassVar[bool] = True  # the loss reads only pooled text features (see trims_text)
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
@@ -60,7 +63,10 @@ class ContrastiveMethod(L.LightningModule):
         self.cfg = OmegaConf.create(cfg)
         self.mcfg = self.cfg.method  # this method's own options (its Config)
         self.model, self.preprocess_train, self.preprocess_val, self.tokenizer = create_backbone(self.cfg.model)
-        self._encode_image, self._encode_text = self.model.encode_image, self.model.encode_text
+        self._encode_image = self.model.encode_image
+        # open_clip's built-in text tower through towers.encode_text_tokens, which takes texts cut to fewer
+        # columns than the context (the loader's trim_text); another text tower through its own encode_text
+        self._encode_text = self._text_features if hasattr(self.model, "token_embedding") else self.model.encode_text
         if self.cfg.model.compile:
             # the towers in place, so a method's own path through them is compiled too; the text tower's
             # embedding, pooling and projection around its stack join the graph through encode_text
@@ -69,6 +75,12 @@ class ContrastiveMethod(L.LightningModule):
         self.bad_steps = NonFiniteSteps()
 
     # -- what the method asks of the data --------------------------------------------------------------
+    def trims_text(self) -> bool:
+        """Whether the loader may cut caption tokens after the batch's longest text: the text features do not
+        change (towers.exact_trim) and the method reads nothing at the cut columns (SmartCLIP's mask network
+        reads every position, so it says no)."""
+        return self.trim_safe and towers.exact_trim(self.model)
+
     def fields(self) -> tuple[str, ...]:
         """The extra per-sample fields this run needs (a method may drop some when a switch is off)."""
         return self.extra_fields
@@ -86,6 +98,10 @@ class ContrastiveMethod(L.LightningModule):
 
     def encode_text_tokens(self, tokens: Tensor) -> Tensor:
         return self._encode_text(tokens, normalize=True)  # (B, D)
+
+    def _text_features(self, tokens: Tensor, normalize: bool = True) -> Tensor:
+        features = towers.encode_text_tokens(self.model, tokens)[0]  # (B, L <= context) -> (B, D)
+        return F.normalize(features, dim=-1) if normalize else features
 
     def encode(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """The features the training loss needs; a method that adds negatives encodes them here too."""

@@ -57,6 +57,8 @@ class MaskNetwork(nn.Module):
 class SmartCLIP(ContrastiveMethod):
     """CLIP whose captions align with text-chosen subsets of the image-embedding dimensions."""
 
+    trim_safe = False  # the mask network pools over every position, padding included, as released
+
     @dataclass
     class Config:
         name: str = "smartclip"

@@ -52,7 +52,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, CaptionDataModule]:
     module = METHODS.get(cfg.method.name)(configs.to_plain(cfg))
     dm = CaptionDataModule(cfg.data, preprocess_train=module.preprocess_train, preprocess_val=module.preprocess_val,
                            tokenizer=module.tokenizer, extra_fields=module.fields(),
-                           field_options=module.field_options(), seed=cfg.seed)
+                           field_options=module.field_options(), seed=cfg.seed, trim_text=module.trims_text())
     module.prepare_fields(dm)
     return module, dm
 

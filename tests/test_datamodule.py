@@ -23,12 +23,17 @@ def test_train_batch_fields_and_shapes(built):
     batch = next(iter(dm.train_dataloader()))
     b, size, ctx = cfg.data.batch_size, cfg.model.arch.vision_cfg.image_size, cfg.model.arch.text_cfg.context_length
     assert batch["image"].shape == (b, 3, size, size) and batch["image"].dtype == torch.float32
-    assert batch["text"].shape == (b, ctx) and batch["text"].dtype == torch.long
+    full = module.tokenizer(batch["caption"])  # (b, ctx)
+    longest = int((full != 0).sum(dim=1).max())  # start, words, end
+    keep = min(ctx, -(-longest // cfg.data.trim_text) * cfg.data.trim_text)
+    assert keep < ctx and batch["text"].shape == (b, keep) and batch["text"].dtype == torch.long
     assert len(batch["caption"]) == b and all(isinstance(c, str) for c in batch["caption"])
     assert isinstance(batch["graph"], HostList) and all(isinstance(g, SceneGraph) for g in batch["graph"])
     assert batch["index"].shape == (b,)
-    # the text is the model's tokenization of the caption, the image the model's preprocessing of the sample
-    torch.testing.assert_close(batch["text"], module.tokenizer(batch["caption"]))
+    # the text is the model's tokenization of the caption cut after the longest caption (only padding cut), the
+    # image the model's preprocessing of the sample
+    torch.testing.assert_close(batch["text"], full[:, :keep])
+    assert (full[:, keep:] == 0).all()
     src = dm.dataset("train").source
     i = int(batch["index"][0])
     assert batch["caption"][0] in src[i].captions
@@ -102,3 +107,37 @@ def test_a_run_with_images_normalised_in_the_batch_hook_trains(make_cfg):
 
     run = train(make_cfg("data.normalize_on_device=true", "trainer.limit_train_batches=2", "trainer.max_epochs=1"))
     assert (run / "done.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["clip", "negclip", "structureclip", "msgclip"])
+def test_cut_caption_tokens_leave_every_text_feature_unchanged(make_cfg, method):
+    """The loader cuts caption tokens after the batch's longest caption; each caption field keeps one common
+    length, and the text features of the cut batch equal those of the full context (causal tower, end-token
+    pooling)."""
+    from datamodules.fields import CAPTION_TOKEN_FIELDS
+
+    cfg = make_cfg(f"method={method}")
+    module, dm = build(cfg)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    ctx = cfg.model.arch.text_cfg.context_length
+    fields = [k for k in CAPTION_TOKEN_FIELDS if k in batch]
+    lengths = {batch[k].shape[-1] for k in fields}
+    assert len(lengths) == 1 and lengths.pop() < ctx and len(fields) >= 1
+    module.eval()
+    with torch.no_grad():
+        for k in fields:
+            cut = batch[k].flatten(0, -2)
+            full = torch.nn.functional.pad(cut, (0, ctx - cut.shape[1]))
+            torch.testing.assert_close(module.encode_text_tokens(cut), module.encode_text_tokens(full))
+            torch.testing.assert_close(module.encode_text_tokens(full), module.model.encode_text(full, normalize=True))
+
+
+def test_smartclip_and_trim_zero_keep_the_full_context(make_cfg):
+    """SmartCLIP's mask network reads every position, so its captions are never cut; trim_text=0 cuts nothing."""
+    for args in (("method=smartclip",), ("data.trim_text=0",)):
+        cfg = make_cfg(*args)
+        module, dm = build(cfg)
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        assert batch["text"].shape[-1] == cfg.model.arch.text_cfg.context_length, args
