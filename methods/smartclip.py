@@ -42,9 +42,10 @@ class MaskNetwork(nn.Module):
             nn.init.normal_(block.attn.out_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
             nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
             nn.init.normal_(block.mlp.c_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
-        self.score = nn.Linear(width, 1)
+        # no bias: a constant added to every position's score leaves the softmax unchanged, so its gradient is
+        # zero up to rounding and it would never train
+        self.score = nn.Linear(width, 1, bias=False)
         nn.init.normal_(self.score.weight, std=width ** -0.5)
-        nn.init.zeros_(self.score.bias)
         self.proj = nn.Linear(width, out_dim) if out_dim != width else None
 
     def forward(self, states: Tensor) -> Tensor:
