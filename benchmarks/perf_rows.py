@@ -30,7 +30,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from configs.files import write_atomic
 from configs.registry import Registry
-from datamodules.datamodule import collate
 from methods.callbacks import Throughput
 from methods.train import build, compose_train, make_trainer
 
@@ -128,7 +127,7 @@ class ResidentBatches(L.LightningDataModule):
         if self.batch is None:
             random.seed(0)  # the fields draw negatives with `random`
             ds = self.dm.dataset("train")
-            batch = collate([ds[i % len(ds)] for i in range(self.batch_size)])
+            batch = self.dm.collate_fn()([ds[i % len(ds)] for i in range(self.batch_size)])  # as its loader cuts
             self.batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def train_dataloader(self) -> DataLoader:

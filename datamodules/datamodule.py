@@ -221,6 +221,10 @@ class CaptionDataModule(L.LightningDataModule):
         part = self.host_parts["train" if training else "eval"]
         return finish_images(batch, part.normalize) if part is not None and isinstance(batch, dict) else batch
 
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        """`collate`, cutting caption tokens where the method allows it (cfg.trim_text: the multiple)."""
+        return partial(collate, trim_text=self.cfg.trim_text if self.trim_text else 0)
+
     def _loader_options(self, split: str) -> dict[str, Any]:
         """The DataLoader options of a split; sets whether its items end as uint8 (normalised on the device)."""
         part = self.host_parts["train" if split == "train" else "eval"]
@@ -230,8 +234,7 @@ class CaptionDataModule(L.LightningDataModule):
         # workers build batches ahead (prefetch_factor each) into pinned memory, so the copy to the GPU is
         # asynchronous and the step never waits on decoding while the workers keep up
         ahead = {"prefetch_factor": self.cfg.prefetch_factor} if workers > 0 else {}
-        collate_fn = partial(collate, trim_text=self.cfg.trim_text if self.trim_text else 0)
-        return {"num_workers": workers, "pin_memory": pin, "collate_fn": collate_fn,
+        return {"num_workers": workers, "pin_memory": pin, "collate_fn": self.collate_fn(),
                 "persistent_workers": workers > 0 and self.cfg.persistent_workers, **ahead}
 
     def train_dataloader(self) -> ResumableLoader:

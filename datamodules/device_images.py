@@ -7,7 +7,7 @@ device is a quarter of the size (uint8 instead of float32), and the result is th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -24,11 +24,20 @@ class SplitTransform:
     host: Callable[[Any], Tensor]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    on_device: dict[torch.device, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     def normalize(self, images: Tensor) -> Tensor:
-        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)  # (3, 1, 1)
-        std = torch.as_tensor(self.std, dtype=torch.float32, device=images.device).view(-1, 1, 1)  # (3, 1, 1)
+        mean, std = self._constants(images.device)  # (3, 1, 1) each
         return images.float().div(255).sub(mean).div(std)  # (B, 3, H, W), as ToTensor then Normalize
+
+    def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """mean and std on `device`, made once per device: a tensor made from numbers on a GPU is a host-to-device
+        copy, which would sync every batch."""
+        cache = self.on_device
+        if device not in cache:
+            cache[device] = tuple(torch.as_tensor(v, dtype=torch.float32, device=device).view(-1, 1, 1)
+                                  for v in (self.mean, self.std))
+        return cache[device]
 
 
 def split(transform: Callable) -> SplitTransform | None:

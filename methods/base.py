@@ -138,7 +138,9 @@ class ContrastiveMethod(L.LightningModule):
         self.loss_is_finite = torch.isfinite(loss.detach())  # read by the non-finite guard before the step
         b = batch["image"].shape[0]
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=b)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=b)
+        # not prog_bar: Lightning turns progress-bar values into numbers whenever its metrics are read (every
+        # step), a host-device sync; methods/callbacks.LossBar shows the loss when the bar refreshes instead
+        self.log("train/loss", loss.detach(), batch_size=b)
         self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=b)
         return loss
 

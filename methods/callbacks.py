@@ -11,9 +11,22 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from configs.files import write_atomic
 from datamodules.sampling import derive_seed
+
+
+class LossBar(TQDMProgressBar):
+    """The progress bar with the training loss, read from the logged tensor only when the bar refreshes (every
+    `log_every_n_steps` on a GPU): a value logged with `prog_bar=True` would be read every step."""
+
+    def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, module)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and trainer.training:
+            items["loss"] = f"{float(loss):.4g}"
+        return items
 
 
 class ExactResume(L.Callback):
@@ -90,7 +103,8 @@ class Throughput(L.Callback):
             self.events[-1].append(event)
         if self.last is not None:
             self.host_times.append(now - self.last)
-            module.log("train/samples_per_sec", self.samples / self.host_times[-1], batch_size=1)
+            if trainer.global_step % trainer.log_every_n_steps == 0:  # a number logged on the GPU is a copy: a sync
+                module.log("train/samples_per_sec", self.samples / self.host_times[-1], batch_size=1)
         self.last = now
 
     @property

@@ -20,7 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
@@ -30,7 +30,7 @@ from configs.files import new_folder, write_atomic
 from configs.schema import TrainerConfig
 from datamodules import CaptionDataModule, data_schema
 from methods import METHODS, method_schema
-from methods.callbacks import DataReport, ExactResume, InterruptCheckpoint, StepCheckpoint, Throughput
+from methods.callbacks import DataReport, ExactResume, InterruptCheckpoint, LossBar, StepCheckpoint, Throughput
 from methods.checkpoints import AtomicCheckpointIO, resume_checkpoint
 
 SCHEMAS = {"method": method_schema, "data": data_schema}
@@ -153,7 +153,7 @@ def progress_callbacks(cfg: DictConfig) -> list[L.Callback]:
     if not cfg.trainer.enable_progress_bar:
         return []
     on_cpu = cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
-    return [TQDMProgressBar(refresh_rate=1 if on_cpu else max(1, cfg.trainer.log_every_n_steps))]
+    return [LossBar(refresh_rate=1 if on_cpu else max(1, cfg.trainer.log_every_n_steps))]
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:

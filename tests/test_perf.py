@@ -153,3 +153,67 @@ def test_lab_row_through_the_trainer_on_the_cpu(tmp_path, method, inputs):
     out = lab_row({"kind": "lab", "overrides": overrides, "inputs": inputs, "steps": 6, "warmup": 2})
     assert out["measured_steps"] == 3 and out["samples_per_sec"] > 0 and out["clock"] == "host"
     assert out["precision"] == "32-true" and out["syncs_per_step"] is None  # counted on a GPU only
+
+
+@pytest.mark.parametrize("method", ["clip", "negclip", "structureclip", "smartclip", "msgclip"])
+def test_training_steps_read_nothing_back_between_logging_steps(make_cfg, method, monkeypatch, tmp_path):
+    """A CPU stand-in for the GPU's sync count (torch.cuda.set_sync_debug_mode needs CUDA): with logging and step
+    checkpoints out of the way, a training step may not read a tensor back on the host (`.item()`, `float()`,
+    `bool()`, `.tolist()`), nor log a Python number (Lightning makes it a device tensor: a copy). Allowed: the
+    non-finite guard's read, lagged and non-blocking on a GPU; the sampler's host-only batch indices; MSG-CLIP's
+    one documented branch (whether any entity lacks a box in the global batch). Images load in a worker."""
+    import traceback
+
+    import lightning as L
+
+    from methods.train import build, make_trainer
+
+    reads: list[str] = []
+    training = {"on": False}
+    here = str(Path(__file__).resolve().parents[1])
+
+    def where() -> str:
+        frames = [f for f in traceback.extract_stack()[:-2] if "site-packages" not in f.filename or "lightning" in f.filename]
+        return " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[-4:])
+
+    def watch(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if training["on"]:
+                stack = traceback.extract_stack()
+                allowed = any(f.filename.endswith(("methods/guard.py", "datamodules/sampling.py")) for f in stack) or (
+                    method == "msgclip" and any(f.filename.endswith("methods/msgclip.py") and "all_boxed" in (f.line or "")
+                                                for f in stack))
+                if not allowed and any(f.filename.startswith(here) or "lightning" in f.filename for f in stack[:-1]):
+                    reads.append(f"{name} at {where()}")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
+        watch(name)
+    to_tensor = L.LightningModule._LightningModule__to_tensor
+
+    def log_number(self, value, name):
+        if training["on"] and not isinstance(value, torch.Tensor):
+            reads.append(f"a number logged as {name}")
+        return to_tensor(self, value, name)
+
+    monkeypatch.setattr(L.LightningModule, "_LightningModule__to_tensor", log_number)
+
+    class Window(L.Callback):  # from the third step's start to the last step's end
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            training["on"] = trainer.global_step >= 2
+
+        def on_train_end(self, trainer, module):
+            training["on"] = False
+
+    cfg = make_cfg(f"method={method}", "data.options.train_size=512", "data.batch_size=32", "trainer.max_steps=6",
+                   "trainer.max_epochs=10", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1000",
+                   "trainer.checkpoint_every_n_steps=0", "data.num_workers=1", f"cache_dir={tmp_path}")  # data read in a worker
+    module, dm = build(cfg)
+    trainer = make_trainer(cfg, tmp_path, [Window()], logger=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 6
+    assert not reads, "host reads inside training steps:\n" + "\n".join(sorted(set(reads)))
