@@ -217,3 +217,26 @@ def test_training_steps_read_nothing_back_between_logging_steps(make_cfg, method
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 6
     assert not reads, "host reads inside training steps:\n" + "\n".join(sorted(set(reads)))
+
+
+def test_the_progress_bar_still_shows_the_loss(make_cfg, tmp_path):
+    """The loss left the progress-bar metrics (read every step); LossBar shows it when the bar refreshes."""
+    import lightning as L
+
+    from methods.callbacks import LossBar
+    from methods.train import build, make_trainer
+
+    shown: list[dict] = []
+
+    class Peek(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            bar = next(c for c in trainer.callbacks if isinstance(c, LossBar))
+            shown.append(bar.get_metrics(trainer, module))
+
+    cfg = make_cfg("data.options.train_size=64", "data.batch_size=32", "trainer.max_steps=2", "trainer.max_epochs=1",
+                   "trainer.limit_val_batches=0", "trainer.enable_progress_bar=true")
+    module, dm = build(cfg)
+    trainer = make_trainer(cfg, tmp_path, [Peek()], logger=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=dm)
+    assert "train/loss" not in trainer.progress_bar_metrics
+    assert len(shown) == 2 and all(float(m["loss"]) > 0 for m in shown)
