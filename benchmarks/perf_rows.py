@@ -149,7 +149,8 @@ def lab_row(row: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(device)
         trainer.fit(module, datamodule=data)
         out = summarise(throughput.step_times, throughput.samples) | peak_memory(device)
-        return out | {"clock": throughput.summary()["clock"], "syncs_per_step": syncs.per_step, "sync_sites": syncs.sites,
+        return out | {"clock": throughput.summary()["clock"], "syncs_per_step": syncs.per_step,
+                      "sync_sites": syncs.sites,
                       "precision": str(trainer.precision)}
 
 

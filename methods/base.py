@@ -205,7 +205,7 @@ class ContrastiveMethod(L.LightningModule):
             self.log("train/skipped_steps", total, on_step=True, on_epoch=False, batch_size=1)
         if in_a_row is not None and in_a_row >= limit:
             path = Path(self.trainer.default_root_dir) / "checkpoints" / "last-good.ckpt"
-            self.trainer.save_checkpoint(path)
+            self.trainer.save_checkpoint(path, weights_only=False)  # full state: resumable
             raise FloatingPointError(
                 f"{int(in_a_row)} steps in a row had a non-finite loss or gradient (step "
                 f"{self.global_step}); stopped. The last good weights are in {path}. Lower optim.lr, check the "

@@ -66,7 +66,7 @@ class StepCheckpoint(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step % self.every == 0 and trainer.global_step != self.saved_at:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable
             self.saved_at = trainer.global_step
 
 
@@ -174,7 +174,7 @@ class InterruptCheckpoint(L.Callback):
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         if trainer.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
             return  # the ddp_spawn launcher
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable
 
     def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         if trainer.is_global_zero:
