@@ -72,6 +72,9 @@ class DataConfig:
     # the tokenizer's full context). Only where the method's features do not change by it (a causal text tower
     # pooled at the end token: the kept tokens see what they saw before), so the text tower does less work.
     trim_text: int = 16
+    # decode each image file once and keep it after the eval transform's Resize (under the source's cache_dir,
+    # datamodules/decoded.py): the same tensors, without decoding every epoch. Not with augment=true.
+    image_cache: bool = False
     options: Any = None
 
     RULES: ClassVar[dict[str, Rule]] = {"batch_size": at_least(1), "eval_batch_size": at_least(1),

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules import decoded
 from datamodules.device_images import finish_images
 from datamodules.device_images import split as split_transform
 from datamodules.fields import CAPTION_TOKEN_FIELDS, FIELDS, FieldContext, check_source_offers
@@ -183,8 +184,11 @@ class CaptionDataModule(L.LightningDataModule):
     def dataset(self, split: str) -> CaptionDataset:
         if split not in self.datasets:
             train = split == "train"
+            source, transform = build_source(self.cfg, split), self.preprocess_train if train else self.preprocess_val
+            if self.cfg.image_cache:
+                decoded.attach(source, transform, augment=train and self.cfg.augment)
             self.datasets[split] = CaptionDataset(
-                build_source(self.cfg, split), self.preprocess_train if train else self.preprocess_val, self.tokenize,
+                source, transform, self.tokenize,
                 split=split, caption_sampling=self.cfg.caption_sampling if train else "first",
                 fields=self.extra_fields if train else (),  # validation and test use the plain pairs
                 field_options=self.field_options, seed=self.seed, random_transform=train and self.cfg.augment,

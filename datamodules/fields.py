@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from configs.registry import Registry
+from datamodules.decoded import image_size
 from datamodules.graph import Box, Entity, SceneGraph, indefinite
 from datamodules.source import Sample, Source
 
@@ -65,7 +66,7 @@ def boxes_field(sample: Sample, caption_index: int, ctx: FieldContext) -> torch.
     """Object boxes (x, y, w, h) as fractions of the image size, padded with -1 to (MAX_BOXES, 4)."""
     out = torch.full((MAX_BOXES, 4), -1.0)
     if sample.graph is not None:
-        w, h = sample.image.size
+        w, h = image_size(sample.image)  # boxes are in the file's pixels (a cached image is resized)
         for k, e in enumerate(sample.graph.objects[:MAX_BOXES]):
             if e.box is not None:
                 out[k] = torch.tensor([e.box[0] / w, e.box[1] / h, e.box[2] / w, e.box[3] / h])
@@ -137,7 +138,7 @@ def graph_texts_field(sample: Sample, caption_index: int, ctx: FieldContext) -> 
     words = sample.extra.get("predicate_phrases", {})
     graph = caption_graph_field(sample, caption_index, ctx) or SceneGraph()
     objects = graph.objects[:e_max]
-    boxes = [crop_box(e.box, sample.image.size) if use_boxes and e.box is not None else None for e in objects]
+    boxes = [crop_box(e.box, image_size(sample.image)) if use_boxes and e.box is not None else None for e in objects]
     entities = [indefinite(e.phrase()) for e in objects]
     triples, hard, hard_valid, args = [], [], [], []
     for r in [r for r in graph.relations if r.subject < e_max and r.object < e_max][:t_max]:

@@ -37,6 +37,7 @@ from PIL import Image
 
 from configs.files import atomic_open
 from datamodules.hub import load_hf_dataset
+from datamodules.decoded import DecodedCache
 from datamodules.images import BadInput, BadRecords, load_image, require_image_file
 from datamodules.source import SPLITS, Sample
 
@@ -291,6 +292,7 @@ class RecordSource:
         self.hub = self.hub_datasets(cfg)[split] if cfg.hf_id and cfg.hf_columns.get("image") else None
         self._file: Any = None
         self._pid = -1
+        self.decoded: DecodedCache | None = None  # image files decoded once (data.image_cache)
         self.substituted = multiprocessing.get_context().Value("i", 0)  # shared with forked or spawned workers
 
     def __len__(self) -> int:
@@ -319,6 +321,8 @@ class RecordSource:
 
     def image(self, record: dict[str, Any]) -> Image.Image:
         if isinstance(record["image"], str):
+            if self.decoded is not None:  # set by the DataModule with data.image_cache (datamodules/decoded.py)
+                return self.decoded.get(self.root / record["image"], record["where"])
             return load_image(self.root / record["image"], record["where"])
         return hub_image(self.hub, record["image"], self.cfg.hf_columns["image"], record["where"])
 
