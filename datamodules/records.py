@@ -36,8 +36,8 @@ from typing import Any, ClassVar, Iterator
 from PIL import Image
 
 from configs.files import atomic_open
-from datamodules.hub import load_hf_dataset
 from datamodules.decoded import DecodedCache
+from datamodules.hub import load_hf_dataset
 from datamodules.images import BadInput, BadRecords, load_image, require_image_file
 from datamodules.source import SPLITS, Sample
 

@@ -60,6 +60,10 @@ class MSGCLIP(ContrastiveMethod):
             raise ValueError(f"msgclip: unknown hard negatives {sorted(unknown)}; available: {', '.join(HARD_NEGATIVES)}")
         check_patch_tokens(self.model.visual)
         self.grid = tuple(self.model.visual.grid_size)
+        # which columns of `triple_hard` count, on the module's device (a buffer moves with it; made per step
+        # from Python values it would be a host-to-device copy every step)
+        self.register_buffer("hard_allowed", torch.tensor([k in self.mcfg.hard_negatives for k in HARD_NEGATIVES]),
+                             persistent=False)
 
     def fields(self) -> tuple[str, ...]:
         return ("graph_texts",) if self.mcfg.entity_weight > 0 or self.mcfg.triple_weight > 0 else ()
@@ -78,9 +82,7 @@ class MSGCLIP(ContrastiveMethod):
         tokens = torch.cat([batch["text"], batch["entity_text"].flatten(0, 1), batch["triple_text"].flatten(0, 1),
                             batch["triple_hard"].flatten(0, 2)])  # (B + BE + BT + 2BT, L)
         unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)  # (U, L): each distinct text once
-        # cut after the longest text here only where the loader did not (data.trim_text=0): finding it is a sync
-        trim = unique.shape[1] == self.model.context_length
-        feats = F.normalize(encode_text_tokens(self.model, unique, trim=trim)[0], dim=-1)[inverse]  # (N, D)
+        feats = F.normalize(encode_text_tokens(self.model, unique)[0], dim=-1)[inverse]  # (N, D)
         text, ent, tri, hard = feats.split([b, b * e, b * t, 2 * b * t])
         pooled, patches = encode_image_tokens(self.model.visual, batch["image"])  # (B, D), (B, P, D)
         return {"image_features": F.normalize(pooled, dim=-1), "text_features": text, "patches": patches,
@@ -129,10 +131,7 @@ class MSGCLIP(ContrastiveMethod):
         """TRA over the global batch, with each triple's own hard negatives."""
         rank, world = dist_info()
         tri, key, valid = feats["triple_features"], batch["triple_key"].flatten(), batch["triple_valid"].flatten().float()
-        if getattr(self, "_allowed", None) is None or self._allowed.device != tri.device:  # once: a copy is a sync
-            self._allowed = torch.tensor([k in self.mcfg.hard_negatives for k in HARD_NEGATIVES], device=tri.device)
-        allowed = self._allowed  # (2,) which hard-negative kinds count
-        hard_valid = (batch["triple_hard_valid"].flatten(0, 1) & allowed).float()  # (BT, 2)
+        hard_valid = (batch["triple_hard_valid"].flatten(0, 1) & self.hard_allowed).float()  # (BT, 2)
         all_valid = self.gather(valid)
         return triple_alignment_loss(evidence, self.gather(tri), feats["hard_features"], hard_valid, key,
                                      self.gather(key), valid, all_valid, 1.0 / self.mcfg.temperature, rank,

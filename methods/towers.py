@@ -41,16 +41,12 @@ def exact_trim(model: nn.Module) -> bool:
     return getattr(model, "attn_mask", None) is not None and getattr(model, "text_pool_type", "") == "argmax"
 
 
-def encode_text_tokens(model: nn.Module, tokens: Tensor, *, trim: bool = False) -> tuple[Tensor, Tensor]:
-    """(features (B, D) unnormalised, token states after `ln_final` (B, L, W)) of open_clip's text tower.
-
-    `trim`: cut the columns after the longest text's end token first. Under a causal mask the kept tokens see
-    exactly what they saw before, so the features are the same, at the cost of the real length; the token
-    states then cover only the kept columns."""
+def encode_text_tokens(model: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """(features (B, D) unnormalised, token states after `ln_final` (B, L, W)) of open_clip's text tower, for
+    tokens of any length up to the context (the loader cuts them after the batch's longest text where
+    `exact_trim` holds: datamodules.datamodule.trim_caption_tokens)."""
     if not hasattr(model, "token_embedding"):
         raise ValueError(f"text token states need open_clip's built-in text tower; {type(model).__name__} has another")
-    if trim and exact_trim(model):
-        tokens = tokens[:, : int(tokens.argmax(dim=1).max()) + 1]  # (B, L) -> (B, L'), L' = longest text
     length = tokens.shape[1]
     cast = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast)  # (B, L, W)
