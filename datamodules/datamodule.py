@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules import decoded
 from datamodules.device_images import finish_images
 from datamodules.device_images import split as split_transform
-from datamodules.fields import CAPTION_TOKEN_FIELDS, FIELDS, FieldContext, check_source_offers
+from datamodules.fields import BATCH_TABLES, CAPTION_TOKEN_FIELDS, FIELDS, FieldContext, check_source_offers
 from datamodules.sampling import Draw, EpochSampler, ResumableLoader, derive_seed
 from datamodules.source import SOURCES, Source
 
@@ -120,7 +120,9 @@ class HostList:
 
 def collate(items: list[dict[str, Any]], trim_text: int = 0) -> dict[str, Any]:
     """Stack tensors and numbers; captions stay a list of str, other objects (graphs) a HostList.
-    `trim_text` > 0: the caption-token fields are cut to one common length (see `trim_caption_tokens`)."""
+    `trim_text` > 0: the caption-token fields are cut to one common length (see `trim_caption_tokens`).
+    Then the whole-batch tables of the fields present (`fields.BATCH_TABLES`), so a batch is not sliced into
+    smaller ones: collate the items of each part instead."""
     batch: dict[str, Any] = {}
     for key in items[0]:
         values = [it[key] for it in items]
@@ -132,7 +134,12 @@ def collate(items: list[dict[str, Any]], trim_text: int = 0) -> dict[str, Any]:
             batch[key] = values
         else:
             batch[key] = HostList(values)
-    return trim_caption_tokens(batch, trim_text) if trim_text > 0 else batch
+    if trim_text > 0:
+        batch = trim_caption_tokens(batch, trim_text)
+    for key, table in BATCH_TABLES.items():
+        if key in batch:
+            batch |= table(batch)
+    return batch
 
 
 def trim_caption_tokens(batch: dict[str, Any], multiple: int) -> dict[str, Any]:

@@ -167,6 +167,27 @@ def graph_texts_field(sample: Sample, caption_index: int, ctx: FieldContext) -> 
     }
 
 
+# the rows of the graph-text table, in order: each (B, ..., L) field flattened to (N_i, L)
+GRAPH_TEXT_ROWS = ("text", "entity_text", "triple_text", "triple_hard")
+
+
+def graph_text_table(batch: dict[str, Any]) -> dict[str, Any]:
+    """What MSG-CLIP's step needs to encode each distinct text of a batch once (a batch of the shapes world holds
+    17 texts per image, mostly repeats): `graph_unique` (U, L) the distinct rows of the GRAPH_TEXT_ROWS fields
+    stacked in that order, `graph_inverse` (N,) the row of `graph_unique` that each stacked text is, and
+    `entity_unboxed`, a Python bool (it stays on the host): whether any real entity of the batch lacks a box.
+    Made on the host where the batch is collated (the loader's workers), after any caption cut: on the device,
+    `torch.unique` and the box test would each make the host wait for the device to learn their answer."""
+    tokens = torch.cat([batch[k].flatten(0, -2) for k in GRAPH_TEXT_ROWS])  # (N, L)
+    unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)  # (U, L), (N,)
+    unboxed = bool((batch["entity_valid"] & ~batch["entity_has_box"]).any())
+    return {"graph_unique": unique, "graph_inverse": inverse, "entity_unboxed": unboxed}
+
+
+# a key of a collated batch -> what the batch gains from it, computed over the whole batch after any caption cut
+BATCH_TABLES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"entity_text": graph_text_table}
+
+
 def triple_tokens(graphs: Sequence[SceneGraph | None], tokenize: Callable, max_triples: int) -> dict[str, torch.Tensor]:
     """Each graph's first `max_triples` triples (relations, then attributes) as token ids, for Structure-CLIP's
     knowledge encoder: `triple_ids` (N, T, 3, TRIPLE_ELEMENT_TOKENS), padded with empty elements (all-zero ids),

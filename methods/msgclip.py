@@ -79,10 +79,10 @@ class MSGCLIP(ContrastiveMethod):
         if not self.fields():
             return super().encode(batch)
         b, e, t = batch["text"].shape[0], batch["entity_text"].shape[1], batch["triple_text"].shape[1]
-        tokens = torch.cat([batch["text"], batch["entity_text"].flatten(0, 1), batch["triple_text"].flatten(0, 1),
-                            batch["triple_hard"].flatten(0, 2)])  # (B + BE + BT + 2BT, L)
-        unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)  # (U, L): each distinct text once
-        feats = F.normalize(encode_text_tokens(self.model, unique)[0], dim=-1)[inverse]  # (N, D)
+        # each distinct text once: the table of captions, entities, triples and hard triples made with the batch
+        # (datamodules.fields.graph_text_table), so nothing here waits for the device
+        unique = encode_text_tokens(self.model, batch["graph_unique"])[0]  # (U, D)
+        feats = F.normalize(unique, dim=-1)[batch["graph_inverse"]]  # (B + BE + BT + 2BT, D), in GRAPH_TEXT_ROWS order
         text, ent, tri, hard = feats.split([b, b * e, b * t, 2 * b * t])
         pooled, patches = encode_image_tokens(self.model.visual, batch["image"])  # (B, D), (B, P, D)
         return {"image_features": F.normalize(pooled, dim=-1), "text_features": text, "patches": patches,
@@ -115,7 +115,9 @@ class MSGCLIP(ContrastiveMethod):
         denominator = all_valid.sum().clamp(min=1) / world
         loss = entity_alignment_loss(regions.flatten(0, 1), ent, self.gather(regions.flatten(0, 1)), all_ent, key,
                                      all_key, boxed, all_boxed, scale, rank, denominator)
-        if bool((all_valid - all_boxed).sum() > 0):  # some entity in the global batch has no box: same on every rank
+        # whether some entity has no box: told by the batch on one process; under DDP every rank takes the branch
+        # (the ranks must agree, and asking the others would wait for the device), where a boxed entity weighs 0
+        if batch["entity_unboxed"] or world > 1:
             patches = feats["patches"]
             owner = torch.arange(b * e, device=ent.device) // e  # (BE,) this rank's image of each entity
             all_patches = self.gather(patches)  # (W*B, P, D)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from datamodules.datamodule import HostList, collate
+from datamodules.datamodule import collate
 from methods import METHODS
 from methods.train import build, compose_train
 
@@ -26,7 +26,7 @@ CASES = [(m, ()) for m in METHODS.names()] + [("msgclip", ("method.pooling=text"
 FLOAT64 = {"smartclip"}
 
 
-def make_module_and_batch(method: str, cache_dir: str, extra: tuple[str, ...] = ()):
+def make_module_and_items(method: str, cache_dir: str, extra: tuple[str, ...] = ()):
     torch.manual_seed(0)
     cfg = compose_train([f"method={method}", "data.num_workers=0", "data.options.train_size=32",
                          "data.caption_sampling=first", f"cache_dir={cache_dir}", *METHOD_ARGS.get(method, []), *extra])
@@ -35,15 +35,19 @@ def make_module_and_batch(method: str, cache_dir: str, extra: tuple[str, ...] = 
         module.model.logit_scale.fill_(2.0)
     random.seed(0)  # the fields draw negatives and neighbours with `random`
     ds = dm.dataset("train")
-    batch = collate([ds[i] for i in range(WORLD * B)])
+    items = [ds[i] for i in range(WORLD * B)]
     if method in FLOAT64:
         module.double()
+    return module, items
+
+
+def take(method: str, items: list[dict], lo: int, hi: int) -> dict:
+    """The batch of items lo..hi, collated on its own (a batch's whole-batch tables, such as MSG-CLIP's distinct
+    texts, are not sliced)."""
+    batch = collate(items[lo:hi])
+    if method in FLOAT64:
         batch["image"] = batch["image"].double()
-    return module, batch
-
-
-def take(batch: dict, lo: int, hi: int) -> dict:
-    return {k: HostList(v.items[lo:hi]) if isinstance(v, HostList) else v[lo:hi] for k, v in batch.items()}
+    return batch
 
 
 class LossOf(torch.nn.Module):
@@ -61,9 +65,9 @@ def _rank(rank: int, method: str, init_file: str, out_dir: str, extra: tuple[str
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        module, batch = make_module_and_batch(method, out_dir, extra)
+        module, items = make_module_and_items(method, out_dir, extra)
         ddp = torch.nn.parallel.DistributedDataParallel(LossOf(module))
-        loss = ddp(take(batch, rank * B, (rank + 1) * B))
+        loss = ddp(take(method, items, rank * B, (rank + 1) * B))
         loss.backward()  # DDP averages the gradients over ranks here
         grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
         torch.save({"loss": loss.detach(), "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
@@ -82,8 +86,8 @@ def check_ddp_equivalence(method: str, rank_args: tuple[str, ...] = (), rtol: fl
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_rank, args=(method, os.path.join(tmp, "init"), tmp, args + rank_args), nprocs=WORLD, join=True)
         ranks = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-        module, batch = make_module_and_batch(method, tmp, args)
-    loss = module.training_loss(batch)[0]
+        module, items = make_module_and_items(method, tmp, args)
+    loss = module.training_loss(take(method, items, 0, WORLD * B))[0]
     loss.backward()
     single = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
 
