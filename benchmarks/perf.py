@@ -6,7 +6,11 @@ Rows, each in a process of its own, timed after a warm-up (median over steps):
 - open_clip trainer: `open_clip_train.main --dataset-type synthetic`, eager and with `--torchcompile`;
 - bare step: open_clip's model, its ClipLoss and fused AdamW on inputs already on the device (the ceiling);
 - each registered method through the lab's Trainer, with its DataModule's data path (`data`: images made and
-  transformed in workers) and with one batch kept on the device (`resident`: the step's own cost).
+  transformed in workers) and with one batch kept on the device (`resident`: the step's own cost); and each
+  named variant (`variants`: a method with settings of its own, e.g. NegCLIP without its hard images).
+Rows run in order of what the goals need: per mode the references and vanilla CLIP, then every other method's
+`resident` rows, then their `data` rows. `budget_s` bounds the whole run: a row that would start after it is
+listed as not run, and a running row is stopped at it, so perf.md is written in time.
 Each row's samples/s is given as a ratio to open_clip's trainer and to the bare step in the same mode (eager or
 compiled), each method's step time as a ratio to vanilla CLIP's with the same inputs and mode, with the peak
 memory and the host-device syncs per step (GPU). `perf=auto` picks configs/perf/gpu.yaml where CUDA is
@@ -63,9 +67,12 @@ class PerfSpec:
     openclip: bool = True
     openclip_precision: str = "fp32"  # open_clip_train's --precision (amp_bf16 is bf16 autocast)
     bare: bool = True
+    # name -> a method's training overrides (`method=<name>` and its settings): rows named like a method's
+    variants: dict[str, list[str]] = field(default_factory=dict)
     goals: dict[str, Any] = field(default_factory=dict)  # see configs/perf/gpu.yaml
     out_dir: str = "results"
     timeout_s: int = 1800  # per row
+    budget_s: int = 0  # the whole run, in seconds (0: no limit); rows left when it is spent are not run
 
 
 def load_spec(argv: list[str]) -> PerfSpec:
@@ -96,15 +103,42 @@ def lab_overrides(spec: PerfSpec, method: str, inputs: str, compiled: bool) -> l
             f"model.compile={str(compiled).lower()}"]
 
 
-def plan(spec: PerfSpec) -> list[dict[str, Any]]:
-    """Every row to measure, in order: per mode, open_clip's trainer, the bare step, then each method's rows."""
+def lab_rows(spec: PerfSpec) -> list[tuple[str, str, list[str]]]:
+    """(row label, method, its own overrides) of every lab row: the registered methods asked for, then the variants
+    of those methods; an unknown method fails here, listing the registered ones."""
     methods = METHODS.names() if spec.methods == ["all"] else list(spec.methods)
+    labs = [(name, name, []) for name in methods]
+    for name, overrides in spec.variants.items():
+        chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("method=")]
+        if len(chosen) != 1 or name in METHODS.names():
+            raise configs.ConfigError(f"perf.variants.{name}: a new name with one 'method=<name>' among its overrides "
+                                      f"(got {list(overrides)}); registered methods: {', '.join(METHODS.names())}")
+        METHODS.get(chosen[0])
+        if chosen[0] in methods:
+            labs.append((name, chosen[0], [o for o in overrides if not o.startswith("method=")]))
     for name in methods:
-        METHODS.get(name)  # an unknown method fails here, listing the registered ones
+        METHODS.get(name)
+    return labs
+
+
+def plan(spec: PerfSpec) -> list[dict[str, Any]]:
+    """Every row to measure, in the order of what the goals need: per mode, open_clip's trainer, the bare step and
+    vanilla CLIP's rows; then per mode every other method's (and variant's) `resident` rows; then their `data` rows."""
+    labs = lab_rows(spec)
     unknown = set(spec.inputs) - {"data", "resident"}
     if unknown:
         raise configs.ConfigError(f"perf.inputs: unknown {sorted(unknown)}; valid: data, resident")
     common = {"steps": spec.steps, "warmup": spec.warmup, "batch_size": spec.batch_size}
+
+    def lab(label: str, method: str, own: list[str], inputs: str, compiled: bool) -> dict[str, Any]:
+        m = mode(compiled)
+        return common | {"kind": "lab", "name": f"{label} · {inputs} · {m}", "method": label, "inputs": inputs,
+                         "mode": m, "compile": compiled, "overrides": lab_overrides(spec, method, inputs, compiled) + own}
+
+    def wanted(label: str, inputs: str) -> bool:
+        return inputs in spec.inputs and (inputs == "resident" or spec.data_methods == ["all"]
+                                          or label in spec.data_methods)
+
     rows = []
     for compiled in spec.compile:
         m = mode(compiled)
@@ -113,13 +147,11 @@ def plan(spec: PerfSpec) -> list[dict[str, Any]]:
         if spec.bare:
             rows.append(common | {"kind": "bare", "name": f"bare step · resident · {m}", "mode": m, "compile": compiled,
                                   "overrides": lab_overrides(spec, "clip", "resident", compiled)})
-        for method in methods:
-            for inputs in spec.inputs:
-                if inputs == "data" and spec.data_methods != ["all"] and method not in spec.data_methods:
-                    continue
-                rows.append(common | {"kind": "lab", "name": f"{method} · {inputs} · {m}", "method": method,
-                                      "inputs": inputs, "mode": m, "compile": compiled,
-                                      "overrides": lab_overrides(spec, method, inputs, compiled)})
+        rows += [lab(*entry, inputs, compiled) for entry in labs if entry[0] == "clip"
+                 for inputs in ("data", "resident") if wanted("clip", inputs)]
+    for inputs in ("resident", "data"):
+        rows += [lab(*entry, inputs, compiled) for compiled in spec.compile for entry in labs
+                 if entry[0] != "clip" and wanted(entry[0], inputs)]
     return rows
 
 
@@ -140,18 +172,21 @@ def command(spec: PerfSpec, row: dict[str, Any], folder: Path) -> list[str]:
     return [sys.executable, "-m", "benchmarks.perf_openclip", *ours, "--", *theirs]
 
 
-def measure(spec: PerfSpec, row: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Run one row's process (its output in folder/log.txt); the result, or why there is none."""
+def measure(spec: PerfSpec, row: dict[str, Any], folder: Path, left_s: float | None = None) -> dict[str, Any]:
+    """Run one row's process (its output in folder/log.txt), for at most perf.timeout_s or the `left_s` seconds
+    of the run's budget; the result, or why there is none."""
     folder.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    timeout, limit = (spec.timeout_s, "perf.timeout_s") if left_s is None or left_s >= spec.timeout_s \
+        else (max(1, int(left_s)), "the rest of perf.budget_s")
     start = time.perf_counter()
     with open(folder / "log.txt", "w") as log:
         try:  # the child's working folder is its own: open_clip's trainer writes a log folder where it runs
             done = subprocess.run(command(spec, row, folder), cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=spec.timeout_s)
+                                  timeout=timeout)
             failed = None if done.returncode == 0 else f"exit status {done.returncode}"
         except subprocess.TimeoutExpired:
-            failed = f"stopped after {spec.timeout_s} s (perf.timeout_s)"
+            failed = f"stopped after {timeout} s ({limit})"
     wall = time.perf_counter() - start
     result = folder / "result.json"
     if failed is None and result.is_file():
@@ -183,11 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     info = {"spec": OmegaConf.to_container(OmegaConf.structured(spec)), "machine": machine(), "rows": []}
     print(f"perf: {len(rows)} rows ({spec.name}: model={spec.model}, batch {spec.batch_size}, {spec.steps} steps, "
           f"warm-up {spec.warmup}); results in {out}")
+    start = time.perf_counter()
     for k, row in enumerate(rows):
         slug = f"{k:02d}-" + "".join(c if c.isalnum() else "_" for c in row["name"])
-        measured = row | measure(spec, row, out / "rows" / slug)
+        left = spec.budget_s - (time.perf_counter() - start) if spec.budget_s > 0 else None
+        if left is not None and left <= 0:
+            measured = row | {"not_run": f"perf.budget_s ({spec.budget_s} s) spent", "wall_s": 0.0}
+        else:
+            measured = row | measure(spec, row, out / "rows" / slug, left)
         info["rows"].append(measured)
-        shown = f"{measured['samples_per_sec']:.0f} samples/s" if "samples_per_sec" in measured else measured["error"]
+        shown = f"{measured['samples_per_sec']:.0f} samples/s" if "samples_per_sec" in measured else \
+            measured.get("error") or f"not run: {measured['not_run']}"
         print(f"  {row['name']}: {shown} ({measured['wall_s']:.0f} s)", flush=True)
         info["rows"] = with_ratios(info["rows"])
         info["goals"] = goals(info["rows"], spec.goals)

@@ -81,7 +81,8 @@ def markdown(info: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for r in info["rows"]:
         if "samples_per_sec" not in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | | | |")
+            why = f"not run: {r['not_run']}" if "not_run" in r else f"failed: {r['error']}"
+            lines.append(f"| {r['name']} | {why} | | | | | | | |")
             continue
         syncs = r.get("syncs_per_step")
         lines.append(f"| {r['name']} | {r['samples_per_sec']:.0f} | {1000 * r['step_time_s']:.1f} | "

@@ -65,12 +65,53 @@ def test_plan_has_every_registered_method_each_input_and_mode_beside_the_referen
     for mode in ("eager", "compiled"):
         assert [r["kind"] for r in rows if r["mode"] == mode][:2] == ["openclip", "bare"]
         lab = {(r["method"], r["inputs"]) for r in rows if r["mode"] == mode and r["kind"] == "lab"}
-        assert lab == {(m, i) for m in METHODS.names() for i in ("data", "resident")}
+        assert lab == {(m, i) for m in METHODS.names() + ["negclip_captions"] for i in ("data", "resident")}
     assert "model.compile=true" in rows[-1]["overrides"] and "trainer.limit_val_batches=0" in rows[-1]["overrides"]
+    # in the order of what the goals need: per mode the references and vanilla CLIP, then the others' resident rows
+    first = [(r["kind"], r.get("method"), r.get("inputs"), r["mode"]) for r in rows[:8]]
+    assert first == [(k, m, i, mode) for mode in ("eager", "compiled") for k, m, i in
+                     [("openclip", None, None), ("bare", None, None), ("lab", "clip", "data"), ("lab", "clip", "resident")]]
+    assert {r["inputs"] for r in rows[8:8 + 2 * len(METHODS.names())]} == {"resident"}  # with negclip_captions
     with pytest.raises(KeyError, match="unknown method 'nosuch'; available: clip"):
         plan(load_spec(["perf=cpu", "methods=[nosuch]"]))
     with pytest.raises(ConfigError, match="unknown config key 'stepz'"):
         load_spec(["perf=cpu", "stepz=3"])
+
+
+def test_variants_are_rows_of_their_method_with_their_settings():
+    spec = load_spec(["perf=cpu", "methods=[clip,negclip]", "inputs=[resident]",
+                      "variants={negclip_captions: [method=negclip, method.hard_images=false]}"])
+    row = plan(spec)[-1]
+    assert "negclip_captions" not in {r.get("method") for r in plan(load_spec(["perf=cpu", "methods=[clip]"]))}
+    assert row["name"] == "negclip_captions · resident · eager" and row["method"] == "negclip_captions"
+    assert "method=negclip" in row["overrides"] and row["overrides"][-1] == "method.hard_images=false"
+    for bad in ("{x: [method.hard_images=false]}", "{negclip: [method=negclip]}"):
+        with pytest.raises(ConfigError, match="one 'method=<name>' among its overrides"):
+            plan(load_spec(["perf=cpu", f"variants={bad}"]))
+    with pytest.raises(KeyError, match="unknown method 'nosuch'"):
+        plan(load_spec(["perf=cpu", "variants={x: [method=nosuch]}"]))
+
+
+def test_a_spent_budget_leaves_the_rest_not_run_and_the_table_written(tmp_path, monkeypatch):
+    import time
+
+    import benchmarks.perf as perf
+
+    given: list = []
+
+    def measure(spec, row, folder, left_s=None):
+        given.append(left_s)
+        time.sleep(1.2)
+        return {"samples_per_sec": 10.0, "step_time_s": 0.1, "wall_s": 1.2}
+
+    monkeypatch.setattr(perf, "measure", measure)
+    assert perf.main(["perf=cpu", "budget_s=1", "methods=[clip]", "inputs=[resident]", f"out_dir={tmp_path}"]) == 0
+    assert len(given) == 1 and 0 < given[0] <= 1  # the first row gets what is left of the budget
+    info = json.loads(next(tmp_path.glob("perf-*/perf.json")).read_text())
+    assert [("samples_per_sec" in r, r.get("not_run")) for r in info["rows"]] == [
+        (True, None), (False, "perf.budget_s (1 s) spent"), (False, "perf.budget_s (1 s) spent")]
+    assert "| bare step · resident · eager | not run: perf.budget_s (1 s) spent |" in \
+        next(tmp_path.glob("perf-*/perf.md")).read_text()
 
 
 def test_auto_picks_the_cpu_file_without_a_gpu_and_says_so(capsys, monkeypatch):
