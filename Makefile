@@ -17,7 +17,7 @@ SWEEP   ?= configs/sweep/compare.yaml
 SEEDS   ?=
 DATA    ?=
 PERF    ?=
-.PHONY: help setup train bench compare sweep perf test clean-venv
+.PHONY: help setup train bench compare sweep perf perf-wheels test clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -47,6 +47,14 @@ sweep: $(VENV)/.ok ## run SWEEP=configs/sweep/<name>.yaml (resumable); ARGS="--p
 
 perf: $(VENV)/.ok ## training samples/s beside open_clip's own trainer (PERF=gpu|cpu, default: gpu if CUDA); results/perf-<time>/
 	$(PY) -m benchmarks.perf $(if $(PERF),perf=$(PERF)) $(ARGS)
+
+WHEELS  ?= .whl
+PYVER   ?= 3.12
+perf-wheels: ## wheels (into WHEELS=.whl) of what an offline GPU node with torch and lightning lacks for `make perf`
+	mkdir -p $(WHEELS)
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version $(PYVER) --implementation cp \
+		--platform manylinux2014_x86_64 -d $(WHEELS) open_clip_torch==3.3.0 omegaconf==2.3.0 ftfy wcwidth
+	python3 -m pip wheel -q --no-deps -w $(WHEELS) antlr4-python3-runtime==4.9.3  # omegaconf's parser: sdist only
 
 test: $(VENV)/.ok ## run the test suite (what CI runs)
 	$(PY) -m pytest -q

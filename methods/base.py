@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch import Tensor
+from torch import Tensor, nn
 
 from configs.registry import Registry
 from datamodules.graph import SceneGraph
@@ -73,6 +73,14 @@ class ContrastiveMethod(L.LightningModule):
             compile_towers(self.model, self.cfg.model.compile_backend)
             self._encode_text = torch.compile(self._encode_text, backend=self.cfg.model.compile_backend)
         self.bad_steps = NonFiniteSteps()
+
+    def compile_modules(self, *modules: nn.Module | None) -> None:
+        """With `model.compile`, a method's own modules (Structure-CLIP's knowledge encoder, SmartCLIP's mask
+        network) are compiled in place like the towers; None is passed over."""
+        if self.cfg.model.compile:
+            for module in modules:
+                if module is not None:
+                    module.compile(backend=self.cfg.model.compile_backend)
 
     # -- what the method asks of the data --------------------------------------------------------------
     def trims_text(self) -> bool:

@@ -83,6 +83,7 @@ class SmartCLIP(ContrastiveMethod):
             self.mask_net = MaskNetwork(text.width, block.attn.num_heads, self.model.text_projection.shape[1],
                                         layers=self.mcfg.mask_layers, act_layer=type(block.mlp.gelu),
                                         norm_layer=type(block.ln_1))
+        self.compile_modules(self.mask_net)
         # with a fixed scale the learned one is unused, and a parameter no term reaches stalls DDP
         self.model.logit_scale.requires_grad_(self.mcfg.scale <= 0 or not self.mcfg.masked)
 

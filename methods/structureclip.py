@@ -101,6 +101,7 @@ class StructureCLIP(ContrastiveMethod):
                                         embed_dim=self.model.text_projection.shape[1], layers=self.mcfg.kee_layers,
                                         heads=self.mcfg.kee_heads, max_triples=self.mcfg.max_triples,
                                         dropout=self.mcfg.kee_dropout)
+        self.compile_modules(self.kee)
         self.kee_at_test = True
         # the released loss has no temperature; a parameter no term uses would stall DDP's gradient buckets
         self.model.logit_scale.requires_grad_(self.mcfg.infonce_weight > 0)

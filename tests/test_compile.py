@@ -1,9 +1,10 @@
 """`model.compile=true`: the towers compile in place and a compiled step gives the eager loss and gradients.
 
-Always run: vanilla CLIP traced with the `aot_eager` backend (dynamo and AOTAutograd, no code generation: about
-20 s here), with no graph break. Every registered method, alone and under 2-process DDP (the gather included),
-with the real `inductor` backend: only with CLIPCOMP_COMPILE_TESTS=1 (inductor compiles for minutes on a small
-CPU); CLIPCOMP_COMPILE_BACKEND picks another backend for that run.
+Always run: every registered method traced with the `aot_eager` backend (dynamo and AOTAutograd, no code
+generation: a few seconds each here), with no graph break in the compiled modules (the towers and the method's
+own: Structure-CLIP's knowledge encoder, SmartCLIP's mask network). Every registered method, alone and under
+2-process DDP (the gather included), with the real `inductor` backend: only with CLIPCOMP_COMPILE_TESTS=1
+(inductor compiles for minutes on a small CPU); CLIPCOMP_COMPILE_BACKEND picks another backend for that run.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from methods import METHODS
 from methods.train import build
 
 SMALL = {"structureclip": ["method.kee_layers=2", "method.kee_dropout=0"]}  # dropout draws differ between runs
+OWN_MODULES = {"structureclip": "kee", "smartclip": "mask_net"}  # a method's own modules, compiled with the towers
 FULL = os.environ.get("CLIPCOMP_COMPILE_TESTS") == "1"
 BACKEND = os.environ.get("CLIPCOMP_COMPILE_BACKEND", "inductor")
 full_only = pytest.mark.skipif(not FULL, reason="compiles for minutes on a CPU: set CLIPCOMP_COMPILE_TESTS=1")
@@ -43,6 +45,8 @@ def check_compiled_equals_eager(make_cfg, method: str, backend: str, tmp_path) -
     loss, grads, module = loss_and_grads(make_cfg, method, cache, "model.compile=true",
                                          f"model.compile_backend={backend}")
     assert module.model.visual._compiled_call_impl is not None and module.model.transformer._compiled_call_impl is not None
+    if method in OWN_MODULES:
+        assert getattr(module, OWN_MODULES[method])._compiled_call_impl is not None
     assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
     assert counters["stats"]["unique_graphs"] >= 2  # the towers did go through the compiler
     torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
@@ -51,8 +55,9 @@ def check_compiled_equals_eager(make_cfg, method: str, backend: str, tmp_path) -
         torch.testing.assert_close(g, eager_grads[name], rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_compiled_clip_step_equals_eager_traced(make_cfg, tmp_path):
-    check_compiled_equals_eager(make_cfg, "clip", "aot_eager", tmp_path)
+@pytest.mark.parametrize("method", METHODS.names())
+def test_compiled_step_equals_eager_traced(make_cfg, method, tmp_path):
+    check_compiled_equals_eager(make_cfg, method, "aot_eager", tmp_path)
 
 
 @full_only
