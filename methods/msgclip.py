@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from datamodules.fields import GRAPH_TEXT_ROWS
 from methods.base import METHODS, ContrastiveMethod, dist_info
 from methods.losses import entity_alignment_loss, pooled_entity_alignment_loss, triple_alignment_loss
 from methods.regions import patch_coverage, pool, text_attention, text_pooled_scores, union
@@ -82,8 +83,8 @@ class MSGCLIP(ContrastiveMethod):
         # each distinct text once: the table of captions, entities, triples and hard triples made with the batch
         # (datamodules.fields.graph_text_table), so nothing here waits for the device
         unique = encode_text_tokens(self.model, batch["graph_unique"])[0]  # (U, D)
-        feats = F.normalize(unique, dim=-1)[batch["graph_inverse"]]  # (B + BE + BT + 2BT, D), in GRAPH_TEXT_ROWS order
-        text, ent, tri, hard = feats.split([b, b * e, b * t, 2 * b * t])
+        feats = F.normalize(unique, dim=-1)[batch["graph_inverse"]]  # (B + BE + BT + 2BT, D)
+        text, ent, tri, hard = feats.split([batch[k][..., 0].numel() for k in GRAPH_TEXT_ROWS])  # the table's order
         pooled, patches = encode_image_tokens(self.model.visual, batch["image"])  # (B, D), (B, P, D)
         return {"image_features": F.normalize(pooled, dim=-1), "text_features": text, "patches": patches,
                 "entity_features": ent.view(b, e, -1), "triple_features": tri, "hard_features": hard.view(b * t, 2, -1),
