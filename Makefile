@@ -20,7 +20,7 @@ PERF    ?=
 .PHONY: help setup train bench compare sweep perf perf-wheels test clean-venv
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  variables: METHOD=$(METHOD) BENCH=$(BENCH) RUNS='run folders' DATA_ROOT=path ARGS='key=value ...'"
 
 $(VENV)/.ok: pyproject.toml
