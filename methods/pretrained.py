@@ -11,6 +11,10 @@
   here by an unpickler that builds nothing but tensors and inert stand-ins for the archive's modules.
 - `local-dir:/path` (also accepted as `model.name`): open_clip's folder layout, open_clip_config.json plus
   the weights, loaded by open_clip (weights_only / safetensors).
+- a lab run's checkpoint (`runs/clip/<time>/checkpoints/best.ckpt`, weights_only): its CLIP towers (the
+  `model.` entries), so any method can fine-tune a model the lab trained, e.g. NegCLIP on a CLIP pre-trained on
+  the shapes world (the papers' pipeline: pre-train with CLIP's loss, then fine-tune); a method's own modules
+  (Structure-CLIP's knowledge encoder) start afresh.
 """
 from __future__ import annotations
 
@@ -121,6 +125,14 @@ def load_weights(model: torch.nn.Module, path: str, quick_gelu: bool | None = No
                          f"and the model uses the other; use the -quickgelu model name (model=vitb32_quickgelu) or "
                          f"model.force_quick_gelu={str(quick_gelu).lower()}")
     if not is_torchscript(path):
+        towers = lab_towers(path)
+        if towers is not None:
+            try:
+                model.load_state_dict(towers, strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"{path}: a lab checkpoint of another model: {str(e).splitlines()[1].strip()} "
+                                 f"(its run's config.yaml names the model)") from None
+            return
         try:
             open_clip.load_checkpoint(model, path, weights_only=True)
         except pickle.UnpicklingError as e:
@@ -133,6 +145,21 @@ def load_weights(model: torch.nn.Module, path: str, quick_gelu: bool | None = No
     if missing:
         raise ValueError(f"{path}: not weights of this model ({len(missing)} missing, e.g. {missing[:3]})")
     model.load_state_dict({k: state[k].reshape(expected[k].shape) for k in expected}, strict=True)
+
+
+def lab_towers(path: str) -> dict[str, torch.Tensor] | None:
+    """The CLIP weights of a lab run's checkpoint (a Lightning checkpoint whose state_dict holds the method
+    module's `model.` entries), or None for any other file."""
+    if not path.endswith(".ckpt"):
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return None  # open_clip's loader names it
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not any(k.startswith("model.") for k in state):
+        return None
+    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
 
 def is_torchscript(path: str) -> bool:

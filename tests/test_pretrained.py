@@ -43,6 +43,20 @@ def test_safetensors_and_state_dict_files_load_identical_weights(tmp_path):
         assert same_weights(loaded, source), name
 
 
+def test_a_lab_runs_checkpoint_starts_another_method_from_its_towers(tmp_path):
+    """A NegCLIP run can fine-tune the CLIP a lab run trained: the checkpoint's `model.` entries, nothing else."""
+    from methods.train import build
+
+    torch.manual_seed(4)
+    trained, _ = build(compose_train(["method=structureclip", f"cache_dir={tmp_path}"]))
+    ckpt = tmp_path / "best.ckpt"
+    torch.save({"epoch": 9, "state_dict": trained.state_dict(), "optimizer_states": []}, ckpt)
+    loaded = create_backbone(model_cfg(f"model.pretrained={ckpt}"))[0]
+    assert same_weights(loaded, trained.model) and not same_weights(random_tiny(seed=5), trained.model)
+    with pytest.raises(ValueError, match=r"best.ckpt: a lab checkpoint of another model: .*config.yaml"):
+        create_backbone(model_cfg(f"model.pretrained={ckpt}", "model.arch.embed_dim=64"))
+
+
 def test_openai_torchscript_archive_loads_without_running_it(tmp_path):
     source = random_tiny(seed=3, quick_gelu=True).eval()
     archive = torch.jit.trace(source, (torch.randn(1, 3, 32, 32), torch.randint(0, 99, (1, 24))), check_trace=False)
