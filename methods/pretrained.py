@@ -156,6 +156,8 @@ def lab_towers(path: str) -> dict[str, torch.Tensor] | None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         return None  # open_clip's loader names it
+    except (RuntimeError, EOFError) as e:  # a torn or truncated file
+        raise ValueError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not any(k.startswith("model.") for k in state):
         return None

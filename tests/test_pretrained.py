@@ -55,6 +55,10 @@ def test_a_lab_runs_checkpoint_starts_another_method_from_its_towers(tmp_path):
     assert same_weights(loaded, trained.model) and not same_weights(random_tiny(seed=5), trained.model)
     with pytest.raises(ValueError, match=r"best.ckpt: a lab checkpoint of another model: .*config.yaml"):
         create_backbone(model_cfg(f"model.pretrained={ckpt}", "model.arch.embed_dim=64"))
+    torn = tmp_path / "torn.ckpt"
+    torn.write_bytes(ckpt.read_bytes()[:4096])
+    with pytest.raises(ValueError, match="torn.ckpt: not a readable checkpoint"):
+        create_backbone(model_cfg(f"model.pretrained={torn}"))
 
 
 def test_openai_torchscript_archive_loads_without_running_it(tmp_path):
