@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from benchmarks.perf_report import goals, markdown, with_ratios
 from benchmarks.perf_rows import device_of
 from configs.files import new_folder, write_atomic
 from methods import METHODS
-from methods.train import compose_train
+from methods.train import compose_train, environment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,15 +195,6 @@ def measure(spec: PerfSpec, row: dict[str, Any], folder: Path, left_s: float | N
     return {"error": f"{failed or 'no result'}: {error.strip()[:300]}", "wall_s": wall}
 
 
-def machine() -> dict[str, Any]:
-    import lightning
-    import open_clip
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"gpu": gpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "lightning": lightning.__version__, "open_clip": open_clip.__version__}
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -215,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # absolute: each row's process runs in a folder of its own
     out = new_folder(Path(spec.out_dir).resolve() / f"perf-{time.strftime('%Y%m%d-%H%M%S')}")
-    info = {"spec": OmegaConf.to_container(OmegaConf.structured(spec)), "machine": machine(), "rows": []}
+    info = {"spec": OmegaConf.to_container(OmegaConf.structured(spec)), "machine": environment(), "rows": []}
     print(f"perf: {len(rows)} rows ({spec.name}: model={spec.model}, batch {spec.batch_size}, {spec.steps} steps, "
           f"warm-up {spec.warmup}); results in {out}")
     start = time.perf_counter()

@@ -4,14 +4,18 @@ continue a stopped run: `python -m methods.train resume=runs/clip/<time>`, or gi
 
 Every run gets a folder of its own, runs/<method>/<timestamp>[-<run_name>] (or run_dir), holding the resolved
 config, checkpoints (last and best on the validation split, step.ckpt every trainer.checkpoint_every_n_steps,
-interrupted.ckpt on a signal or an error), metrics.csv, throughput.json and, once finished, done.json.
+interrupted.ckpt on a signal or an error), metrics.csv, throughput.json, environment.json (the library versions,
+commit and machine of each start of the run) and, once finished, done.json.
 A resumed run ends with the weights and metrics of an uninterrupted one: the data order, every per-sample
 draw and the model's own randomness are functions of (seed, epoch, index, step), not of the process history.
 """
 from __future__ import annotations
 
 import json
+import os
+import platform
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -22,6 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
@@ -55,6 +60,49 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, CaptionDataModule]:
                            field_options=module.field_options(), seed=cfg.seed, trim_text=module.trims_text())
     module.prepare_fields(dm)
     return module, dm
+
+
+def environment() -> dict[str, Any]:
+    """What a result depends on besides its config: the library versions (another torch build rounds differently,
+    and the difference grows over a run), the code's commit (with `dirty` if tracked files were changed) and the
+    machine."""
+    import lightning
+    import open_clip
+    import torchvision
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += " (dirty)"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "lightning": lightning.__version__,
+            "open_clip": open_clip.__version__, "python": platform.python_version(), "commit": commit, "gpu": gpu,
+            "gpu_count": torch.cuda.device_count(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+
+
+@rank_zero_only
+def record_environment(run_dir: Path) -> None:
+    """Add this start's `environment()` to the run's environment.json (a list: a continued run may run elsewhere);
+    a damaged file is kept aside as environment.damaged.json."""
+    path = run_dir / "environment.json"
+    starts: list[Any] = []
+    if path.is_file():
+        try:
+            starts = json.loads(path.read_text())
+            assert isinstance(starts, list)
+        except (ValueError, AssertionError):
+            path.replace(run_dir / "environment.damaged.json")
+            starts = []
+    starts.append({"started": time.strftime("%Y-%m-%d %H:%M:%S")} | environment())
+    write_atomic(path, json.dumps(starts, indent=2))
 
 
 def mark_done(run_dir: Path, trainer: L.Trainer) -> None:
@@ -197,6 +245,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None =
         run_dir, ckpt_path = open_run(cfg)
     if not (run_dir / "config.yaml").is_file():
         configs.save(cfg, run_dir / "config.yaml")
+    record_environment(run_dir)
     if ckpt_path is not None:
         print(f"continuing {run_dir} from {ckpt_path.name}", file=sys.stderr)
     keep_old_metrics(run_dir)

@@ -24,6 +24,8 @@ def test_train_then_bench(make_cfg, tmp_path, capsys):
     assert any(r.get("train/loss") for r in rows) and any(r.get("val/loss") for r in rows)
     speed = json.loads((run / "throughput.json").read_text())
     assert speed["global_batch"] == cfg.data.batch_size
+    (env,) = json.loads((run / "environment.json").read_text())  # one start
+    assert env["torch"] == torch.__version__ and env["cpu_count"] > 0 and "open_clip" in env and "commit" in env
 
     # a second run of the same config never reuses the first one's folder
     assert train(cfg) != run

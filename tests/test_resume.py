@@ -4,6 +4,7 @@ per-sample draw are functions of (seed, epoch, index), so neither the resume poi
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -97,6 +98,7 @@ def test_killed_mid_epoch_twice_resumes_to_the_uninterrupted_result(tmp_path, on
     assert all(abs(la[s] - lb[s]) <= 1e-5 for s in la), {s: (la[s], lb[s]) for s in la if la[s] != lb[s]}
     assert val_losses(run) == pytest.approx(val_losses(ref)[-1:], rel=1e-6)
     assert (run / "metrics.part2.csv").is_file() and len(list(tmp_path.iterdir())) == 2  # no other folder
+    assert len(json.loads((run / "environment.json").read_text())) == 3  # started, continued, resumed
 
 
 def test_a_finished_run_is_not_continued_and_a_changed_config_is_refused(tmp_path, make_cfg, capsys):
