@@ -16,7 +16,6 @@ from datamodules.images import BadInput
 from methods import train as train_mod
 from test_negclip_tsv import write_fixture
 from tests_support import FullDisk
-from tests_support import FullDisk
 
 
 def test_a_full_disk_never_leaves_half_a_file(tmp_path, monkeypatch):
@@ -91,3 +90,15 @@ def test_checkpoint_io_round_trips_what_lightning_hands_it(tmp_path):
     io.save_checkpoint(weights, tmp_path / "sub" / "weights.ckpt")  # ddp_spawn returns bare weights this way
     assert torch.equal(io.load_checkpoint(tmp_path / "sub" / "weights.ckpt")["w"], weights["w"])
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["weights.ckpt"]  # no temporary file left
+
+
+def test_a_damaged_environment_record_is_kept_aside_and_started_again(tmp_path):
+    import json
+
+    (tmp_path / "environment.json").write_text('[{"torch": "2.')  # torn mid-write by another tool
+    train_mod.record_environment(tmp_path)
+    assert (tmp_path / "environment.damaged.json").read_text() == '[{"torch": "2.'
+    (start,) = json.loads((tmp_path / "environment.json").read_text())
+    assert start["torch"] == torch.__version__ and "started" in start
+    train_mod.record_environment(tmp_path)  # a continued run adds its own start
+    assert len(json.loads((tmp_path / "environment.json").read_text())) == 2
