@@ -9,6 +9,7 @@ per benchmark family and per-benchmark detail CSVs; the table is printed.
 from __future__ import annotations
 
 import csv
+import json
 import sys
 import time
 from pathlib import Path
@@ -73,9 +74,21 @@ def device_for(name: str) -> torch.device:
 
 def bench_run(run: Path, cfg: DictConfig, device: torch.device, details_dir: Path | None = None
               ) -> tuple[list[dict], dict[str, list[str]], list[str]]:
-    """Every benchmark of cfg.bench on one run, once per evaluation variant of its method (one row each)."""
+    """Every benchmark of cfg.bench on one run, once per evaluation variant of its method (one row each); the notes
+    say which torch and open_clip trained it (a table mixing builds shows each)."""
     module, run_cfg = load_run(run, cfg.ckpt, device)
-    return bench_module(module, run_cfg, cfg, str(run), run.name, details_dir)
+    rows, families, notes = bench_module(module, run_cfg, cfg, str(run), run.name, details_dir)
+    return rows, families, notes + [n for n in trained_with(run) if n not in notes]
+
+
+def trained_with(run: Path) -> list[str]:
+    """'trained with torch X, open_clip Y' for each distinct pair in the run's environment.json (none if the run
+    predates it or the file is unreadable: the benchmark does not depend on it)."""
+    try:
+        starts = json.loads((run / "environment.json").read_text())
+        return sorted({f"trained with torch {s['torch']}, open_clip {s['open_clip']}" for s in starts})
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def bare_model(cfg: DictConfig, device: torch.device):

@@ -36,6 +36,7 @@ def test_train_then_bench(make_cfg, tmp_path, capsys):
     assert all(name in printed for name in SYN) and "| clip |" in printed
     (folder,) = out.iterdir()
     assert {"results.md", "results.csv", "syn_choice.png", "syn_retrieval.png"} <= {p.name for p in folder.iterdir()}
+    assert f"trained with torch {torch.__version__}, open_clip " in (folder / "results.md").read_text()
     with open(folder / "results.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert 0.0 <= float(row["syn_relation"]) <= 1.0
