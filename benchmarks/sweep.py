@@ -27,7 +27,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 import configs
-from configs.files import new_folder, write_atomic
+from configs.files import keep_aside, new_folder, write_atomic
 from benchmarks.report import curves_chart, format_table, latex_table, _chart
 from benchmarks.run import bench_run, device_for, merge_families
 from methods import METHODS
@@ -103,11 +103,8 @@ def read_result(cell_dir: Path) -> dict[str, Any] | None:
             raise ValueError("no 'rows' list")
         return result
     except (ValueError, UnicodeDecodeError) as e:
-        k = 1
-        while (cell_dir / f"result.damaged-{k}.json").exists():
-            k += 1
-        path.rename(cell_dir / f"result.damaged-{k}.json")
-        print(f"[sweep] {path}: damaged result ({type(e).__name__}: {e}); kept as result.damaged-{k}.json, "
+        aside = keep_aside(path)
+        print(f"[sweep] {path}: damaged result ({type(e).__name__}: {e}); kept as {aside.name}, "
               "benchmarking the cell again", file=sys.stderr)
         return None
 

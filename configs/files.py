@@ -53,3 +53,14 @@ def write_atomic(path: str | Path, text: str) -> None:
     """Write then rename: a crash leaves the old file or the new one, never half of one."""
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def keep_aside(path: str | Path) -> Path:
+    """Rename a damaged file to `<stem>.damaged-<k><suffix>` beside it, the first k not taken (an earlier damaged
+    copy is never replaced), and return the new path."""
+    path = Path(path)
+    k = 1
+    while (aside := path.with_name(f"{path.stem}.damaged-{k}{path.suffix}")).exists():
+        k += 1
+    path.rename(aside)
+    return aside

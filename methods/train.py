@@ -31,7 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 import configs
-from configs.files import new_folder, write_atomic
+from configs.files import keep_aside, new_folder, write_atomic
 from configs.schema import TrainerConfig
 from datamodules import CaptionDataModule, data_schema
 from methods import METHODS, method_schema
@@ -91,15 +91,17 @@ def environment() -> dict[str, Any]:
 @rank_zero_only
 def record_environment(run_dir: Path) -> None:
     """Add this start's `environment()` to the run's environment.json (a list: a continued run may run elsewhere);
-    a damaged file is kept aside as environment.damaged.json."""
+    a damaged file is named and kept aside (environment.damaged-<k>.json), and the record starts again."""
     path = run_dir / "environment.json"
     starts: list[Any] = []
     if path.is_file():
         try:
             starts = json.loads(path.read_text())
-            assert isinstance(starts, list)
-        except (ValueError, AssertionError):
-            path.replace(run_dir / "environment.damaged.json")
+            if not isinstance(starts, list):
+                raise ValueError("not a list of starts")
+        except (ValueError, UnicodeDecodeError) as e:
+            aside = keep_aside(path)
+            print(f"{path}: damaged ({type(e).__name__}: {e}); kept as {aside.name}", file=sys.stderr)
             starts = []
     starts.append({"started": time.strftime("%Y-%m-%d %H:%M:%S")} | environment())
     write_atomic(path, json.dumps(starts, indent=2))

@@ -92,13 +92,18 @@ def test_checkpoint_io_round_trips_what_lightning_hands_it(tmp_path):
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["weights.ckpt"]  # no temporary file left
 
 
-def test_a_damaged_environment_record_is_kept_aside_and_started_again(tmp_path):
+def test_a_damaged_environment_record_is_kept_aside_and_started_again(tmp_path, capsys):
     import json
 
     (tmp_path / "environment.json").write_text('[{"torch": "2.')  # torn mid-write by another tool
     train_mod.record_environment(tmp_path)
-    assert (tmp_path / "environment.damaged.json").read_text() == '[{"torch": "2.'
+    assert (tmp_path / "environment.damaged-1.json").read_text() == '[{"torch": "2.'
+    assert "environment.json: damaged (JSONDecodeError" in capsys.readouterr().err
     (start,) = json.loads((tmp_path / "environment.json").read_text())
     assert start["torch"] == torch.__version__ and "started" in start
     train_mod.record_environment(tmp_path)  # a continued run adds its own start
     assert len(json.loads((tmp_path / "environment.json").read_text())) == 2
+    (tmp_path / "environment.json").write_text('{"torch": "2.14"}')  # not a list; the earlier copy stays
+    train_mod.record_environment(tmp_path)
+    assert (tmp_path / "environment.damaged-1.json").read_text() == '[{"torch": "2.'
+    assert (tmp_path / "environment.damaged-2.json").read_text() == '{"torch": "2.14"}'
