@@ -32,10 +32,18 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, numbers.Real) and math.isnan(value))
 
 
+def y_limits(values: list[float]) -> tuple[float, float]:
+    """A chart's y range: 0 to 1.05 (headroom for the value labels of bars at 1.0), lower where a value is
+    negative (a score margin can be)."""
+    low = min([0.0, *values])
+    return (low - 0.05 if low < 0 else 0.0), 1.05
+
+
 def _chart(rows: list[dict[str, Any]], metrics: list[str], family: str, path: Path,
            errors: list[dict[str, float]] | None = None) -> None:
     """A grouped bar chart into a new file `path`: one group per metric, one bar per row (a missing value draws
-    no bar), y from 0 to 1; `errors` (one dict per row) draws error bars."""
+    no bar), y from 0 to 1 (lower where a value is negative, as a score margin can be); `errors` (one dict per row)
+    draws error bars."""
     from matplotlib.figure import Figure  # renders with Agg; no pyplot, so no global backend state is touched
 
     fig = Figure(figsize=(max(5.0, 1.6 * len(metrics) + 3), 4))
@@ -51,9 +59,10 @@ def _chart(rows: list[dict[str, Any]], metrics: list[str], family: str, path: Pa
         if labelled:
             ax.bar_label(bars, labels=["" if math.isnan(y) else f"{y:.2f}" for y in ys], fontsize=7)
     ax.set_xticks(range(len(metrics)), [m.split("/")[-1] for m in metrics])
-    ax.set_ylim(0, 1.05)  # the headroom is for the value labels of bars at 1.0
-    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.set_ylabel("accuracy / recall")
+    low, high = y_limits([float(r[m]) for r in rows for m in metrics if not _missing(r.get(m))])
+    ax.set_ylim(low, high)
+    ax.set_yticks([t / 5 for t in range(math.ceil(low * 5), 6)])  # none below low: a tick would widen the axis
+    ax.set_ylabel("value")  # accuracies and recalls, or a diagnosis's cosines and margins: the ticks name them
     ax.set_title(family)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, never over a bar
     fig.tight_layout()

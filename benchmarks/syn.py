@@ -8,13 +8,19 @@
 - Syn-Partial-Retrieval: the same with short prompts (SmartCLIP's claim): every distinct partial caption of
   the test split (one object with its attributes; one relation without attributes) against every test image,
   an image a positive wherever the partial caption is true of it.
-Every test image is encoded once and shared by the four benchmarks. Each caption option is passed with its
+- Syn-Swaps (a diagnosis, not an accuracy): how far the text tower puts a caption from its relation swap and
+  from its attribute swap (mean cosine of their features), and the image's mean score margin between the two,
+  the quantity Syn-Relation and Syn-Attribution threshold at 0. A tower that reads captions as bags of words
+  gives cosine 1 and margin 0 for the relation swap; an accuracy at chance with a cosine near 1 says the text
+  side cannot yet tell the two apart.
+Every test image is encoded once and shared by the benchmarks, and so is every distinct caption (with its graph). Each caption option is passed with its
 own exact scene graph (the swapped graph for a swap), for methods that read graphs at test time.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from benchmarks.base import BENCHMARKS, BenchContext, BenchResult
@@ -24,7 +30,7 @@ from datamodules.negatives import order_negatives, swap_attributes, swap_relatio
 from datamodules.graph import SceneGraph
 from datamodules.shapes import ShapesWorld, holds, render_caption, word_tags
 
-FAMILY_CHOICE, FAMILY_RETRIEVAL, FAMILY_PARTIAL = "syn_choice", "syn_retrieval", "syn_partial"
+FAMILY_CHOICE, FAMILY_RETRIEVAL, FAMILY_PARTIAL, FAMILY_SWAPS = "syn_choice", "syn_retrieval", "syn_partial", "syn_swaps"
 
 
 def world(ctx: BenchContext) -> ShapesWorld:
@@ -62,14 +68,28 @@ def graphs(ctx: BenchContext) -> list:
     return ctx.cached("syn_graphs", lambda: [w.mentioned(w.graph(i)) for i in range(len(w))])
 
 
+def text_features(ctx: BenchContext, texts: list[str], graphs_: list | None = None) -> torch.Tensor:
+    """Features (M, D) of `texts` (each with its graph, if given), every distinct (caption, graph) encoded once per
+    bench run and shared by the Syn benchmarks: the true captions serve five of them, the swaps two."""
+    store = ctx.cached("syn_texts", dict)
+    keys = list(zip(texts, graphs_)) if graphs_ is not None else [(t, None) for t in texts]
+    new = [k for k in dict.fromkeys(keys) if k not in store]
+    for with_graph in (False, True):  # a caption without a graph and with one may encode differently
+        part = [k for k in new if (k[1] is not None) == with_graph]
+        if part:
+            feats = encode_unique_texts(ctx.model, [t for t, _ in part], [g for _, g in part] if with_graph else None,
+                                        batch_size=ctx.spec.batch_size)
+            store.update(zip(part, feats))
+    return torch.stack([store[k] for k in keys])
+
+
 def choice_benchmark(ctx: BenchContext, options: list[list[str]], ties: str,
                      option_graphs: list[list] | None = None) -> tuple[float, torch.Tensor]:
     """Accuracy of picking option 0 (the true caption) for each test image, under the given tie rule.
     `option_graphs` gives each option its own scene graph, for methods that read graphs at test time."""
     k = len(options[0])
     graphs_flat = [g for row in option_graphs for g in row] if option_graphs is not None else None
-    feats = encode_unique_texts(ctx.model, [t for row in options for t in row], graphs_flat,
-                                batch_size=ctx.spec.batch_size)
+    feats = text_features(ctx, [t for row in options for t in row], graphs_flat)
     scores = score_options(image_features(ctx), feats.view(len(options), k, -1))  # (N, K)
     correct = choice_correct(scores, 0, ties=ties)
     return correct.float().mean().item(), correct
@@ -109,7 +129,7 @@ def syn_order(ctx: BenchContext) -> BenchResult:
 @BENCHMARKS.register("syn_retrieval")
 def syn_retrieval(ctx: BenchContext) -> BenchResult:
     captions = [render_caption(g) for g in graphs(ctx)]
-    text = encode_unique_texts(ctx.model, captions, graphs(ctx), batch_size=ctx.spec.batch_size)
+    text = text_features(ctx, captions, graphs(ctx))
     # a caption is exact, so it truly describes every test image whose canonical caption it is
     ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
     caption_id = torch.tensor([ids[c] for c in captions])
@@ -151,7 +171,7 @@ def syn_partial_retrieval(ctx: BenchContext) -> BenchResult:
     texts = list(facts)
     scenes = ctx.cached("syn_scenes", lambda: [w.graph(i) for i in range(len(w))])  # with distractors
     positives = torch.tensor([[fact_holds(facts[t], s) for s in scenes] for t in texts])  # (N_text, N_image)
-    feats = encode_unique_texts(ctx.model, texts, batch_size=ctx.spec.batch_size)
+    feats = text_features(ctx, texts)
     m = retrieval_metrics(image_features(ctx), feats, positives=positives, ks=(1, 5, 10))
     metrics = {f"syn_partial/t2i_R@{k}": m[f"image_retrieval_recall@{k}"] for k in (1, 5, 10)}
     metrics |= {f"syn_partial/i2t_R@{k}": m[f"text_retrieval_recall@{k}"] for k in (1, 5, 10)}
@@ -164,3 +184,30 @@ def syn_partial_retrieval(ctx: BenchContext) -> BenchResult:
         f"objects, the rest relations without attributes) against {len(scenes)} test images; a hit if any image the "
         f"caption is true of is in the top k (text->image, mean {positives.sum(1).float().mean():.1f} true images per "
         f"caption), or any caption true of the image is (image->text)"])
+
+
+@BENCHMARKS.register("syn_swaps")
+def syn_swaps(ctx: BenchContext) -> BenchResult:
+    gs = graphs(ctx)
+    true = text_features(ctx, [render_caption(g) for g in gs], gs)
+    images = image_features(ctx)
+    true_score = score_options(images, true[:, None])[:, 0]  # (N,)
+    metrics, notes = {}, []
+    for kind, swap in (("relation", lambda g: swap_relation(g, 0)), ("attribute", lambda g: swap_attributes(g, 0, 1))):
+        swapped = [swap(g) for g in gs]
+        feats = text_features(ctx, [render_caption(g) for g in swapped], swapped)  # (N, D)
+        cos = (F.normalize(true.float(), dim=-1) * F.normalize(feats.float(), dim=-1)).sum(-1)  # (N,)
+        margin = true_score - score_options(images, feats[:, None])[:, 0]  # (N,)
+        metrics[f"syn_swaps/{kind}_text_cos"] = cos.mean().item()
+        metrics[f"syn_swaps/{kind}_margin"] = margin.mean().item()
+        notes.append(f"{kind} swap: margin {margin.mean().item():.4f} ± {margin.std().item():.4f}, "
+                     f"positive for {(margin > 0).float().mean().item():.3f} of the images")
+    # a scale for the cosines: each test caption against the next test image's, where the two differ
+    captions = [render_caption(g) for g in gs]
+    other = [i for i in range(len(gs)) if captions[i] != captions[(i + 1) % len(gs)]]
+    unit = F.normalize(true.float(), dim=-1)
+    if other:
+        pair = (unit[other] * unit[[(i + 1) % len(gs) for i in other]]).sum(-1).mean().item()
+        notes.append(f"two different test captions: mean text cosine {pair:.3f} ({len(other)} pairs)")
+    return BenchResult(metrics, FAMILY_SWAPS, notes=["Syn-Swaps: text cosine of a caption and its swap; image score "
+                                                     "margin true minus swap (" + "; ".join(notes) + ")"])

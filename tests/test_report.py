@@ -80,3 +80,13 @@ def test_the_module_does_not_import_matplotlib():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+def test_chart_range_reaches_a_negative_value(tmp_path):
+    from benchmarks.report import y_limits
+
+    assert y_limits([0.5, 1.0]) == (0.0, 1.05)
+    assert y_limits([0.2, -0.3]) == pytest.approx((-0.35, 1.05))  # a negative score margin stays in view
+    rows = [{"method": "clip", "run": "r", "syn_swaps/relation_margin": -0.3, "syn_swaps/relation_text_cos": 0.99}]
+    paths = write_report(rows, tmp_path, families={"syn_swaps": ["syn_swaps/relation_margin", "syn_swaps/relation_text_cos"]})
+    assert paths["syn_swaps"].read_bytes()[:8] == PNG

@@ -143,3 +143,51 @@ def test_partial_retrieval_oracle_is_perfect_and_bag_of_words_is_blind_to_direct
     # an object prompt's words are in its image's caption; a relation prompt's words are in both directions'
     assert bow.metrics["syn_partial/t2i_R@1_relation"] < 1.0
     assert set(bow.metrics) == set(oracle.metrics)
+
+
+def swap_metrics(model_cls, test_size=40):
+    options = {"test_size": test_size}
+    world = ShapesWorld(ShapesWorld.Config(**options), "test")
+    model = model_cls(world)
+    run_cfg = OmegaConf.create({"data": {"source": "shapes", "options": options}})
+    spec = OmegaConf.merge(OmegaConf.structured(BenchSpec), {"batch_size": 16})
+    return BENCHMARKS.get("syn_swaps")(BenchContext(model, model.preprocess, run_cfg, spec))
+
+
+def test_swaps_measure_how_far_the_text_side_puts_a_swap():
+    bow = swap_metrics(BagOfWordsModel)  # a swap has the same words: the same features, no margin
+    assert bow.family == "syn_swaps"
+    assert bow.metrics["syn_swaps/relation_text_cos"] == pytest.approx(1.0)
+    assert bow.metrics["syn_swaps/attribute_text_cos"] == pytest.approx(1.0)
+    assert bow.metrics["syn_swaps/relation_margin"] == pytest.approx(0.0, abs=1e-6)
+    oracle = swap_metrics(OracleModel).metrics  # a swap is never a true caption: orthogonal, margin 1
+    assert oracle["syn_swaps/relation_text_cos"] == pytest.approx(0.0)
+    assert oracle["syn_swaps/relation_margin"] == pytest.approx(1.0)
+    assert oracle["syn_swaps/attribute_margin"] == pytest.approx(1.0)
+    assert any("two different test captions" in n for n in bow.notes)
+
+
+class CountingModel(BagOfWordsModel):
+    """Records every (caption, graph) it is asked to encode."""
+
+    def __init__(self, world: ShapesWorld) -> None:
+        super().__init__(world)
+        self.seen: list = []
+
+    def encode_captions(self, texts, graphs=None):
+        self.seen += list(zip(texts, graphs if graphs is not None else [None] * len(texts)))
+        return super().encode_captions(texts, graphs)
+
+
+def test_every_distinct_caption_is_encoded_once_across_the_benchmarks():
+    options = {"test_size": 30}
+    world = ShapesWorld(ShapesWorld.Config(**options), "test")
+    model = CountingModel(world)
+    run_cfg = OmegaConf.create({"data": {"source": "shapes", "options": options}})
+    spec = OmegaConf.merge(OmegaConf.structured(BenchSpec), {"batch_size": 16})
+    ctx = BenchContext(model, model.preprocess, run_cfg, spec)
+    for name in ("syn_relation", "syn_attribution", "syn_order", "syn_retrieval", "syn_partial_retrieval", "syn_swaps"):
+        BENCHMARKS.get(name)(ctx)
+    assert len(model.seen) == len(set(model.seen))
+    true = {(render_caption(world.mentioned(world.graph(i))), world.mentioned(world.graph(i))) for i in range(30)}
+    assert true <= set(model.seen)  # the true captions with their graphs, asked for by five benchmarks, came once
