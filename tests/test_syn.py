@@ -55,13 +55,18 @@ class OracleModel(BagOfWordsModel):
         return F.one_hot(torch.tensor([self.index.get(t, len(self.index)) for t in texts]), len(self.index) + 1).float()
 
 
-def run_all(model_cls, test_size=60):
+def context(model_cls, test_size: int) -> tuple[BenchContext, ShapesWorld]:
+    """A bench context over the default world's first `test_size` test scenes, with a stand-in model."""
     options = {"test_size": test_size}
     world = ShapesWorld(ShapesWorld.Config(**options), "test")
     model = model_cls(world)
     run_cfg = OmegaConf.create({"data": {"source": "shapes", "options": options}})
     spec = OmegaConf.merge(OmegaConf.structured(BenchSpec), {"batch_size": 16})
-    ctx = BenchContext(model, model.preprocess, run_cfg, spec)
+    return BenchContext(model, model.preprocess, run_cfg, spec), world
+
+
+def run_all(model_cls, test_size=60):
+    ctx, world = context(model_cls, test_size)
     metrics = {}
     for name in ("syn_relation", "syn_attribution", "syn_order", "syn_retrieval"):
         metrics |= BENCHMARKS.get(name)(ctx).metrics
@@ -108,11 +113,8 @@ class FactModel(BagOfWordsModel):
 
 
 def partial_metrics(model_cls, test_size=60):
-    world = ShapesWorld(ShapesWorld.Config(test_size=test_size), "test")
-    model = model_cls(world)
-    run_cfg = OmegaConf.create({"data": {"source": "shapes", "options": {"test_size": test_size}}})
-    spec = OmegaConf.merge(OmegaConf.structured(BenchSpec), {"batch_size": 16})
-    return BENCHMARKS.get("syn_partial_retrieval")(BenchContext(model, model.preprocess, run_cfg, spec)), world
+    ctx, world = context(model_cls, test_size)
+    return BENCHMARKS.get("syn_partial_retrieval")(ctx), world
 
 
 def test_partial_retrieval_positives_are_every_image_the_prompt_is_true_of():
@@ -146,12 +148,7 @@ def test_partial_retrieval_oracle_is_perfect_and_bag_of_words_is_blind_to_direct
 
 
 def swap_metrics(model_cls, test_size=40):
-    options = {"test_size": test_size}
-    world = ShapesWorld(ShapesWorld.Config(**options), "test")
-    model = model_cls(world)
-    run_cfg = OmegaConf.create({"data": {"source": "shapes", "options": options}})
-    spec = OmegaConf.merge(OmegaConf.structured(BenchSpec), {"batch_size": 16})
-    return BENCHMARKS.get("syn_swaps")(BenchContext(model, model.preprocess, run_cfg, spec))
+    return BENCHMARKS.get("syn_swaps")(context(model_cls, test_size)[0])
 
 
 def test_swaps_measure_how_far_the_text_side_puts_a_swap():
@@ -180,12 +177,8 @@ class CountingModel(BagOfWordsModel):
 
 
 def test_every_distinct_caption_is_encoded_once_across_the_benchmarks():
-    options = {"test_size": 30}
-    world = ShapesWorld(ShapesWorld.Config(**options), "test")
-    model = CountingModel(world)
-    run_cfg = OmegaConf.create({"data": {"source": "shapes", "options": options}})
-    spec = OmegaConf.merge(OmegaConf.structured(BenchSpec), {"batch_size": 16})
-    ctx = BenchContext(model, model.preprocess, run_cfg, spec)
+    ctx, world = context(CountingModel, 30)
+    model = ctx.model
     for name in ("syn_relation", "syn_attribution", "syn_order", "syn_retrieval", "syn_partial_retrieval", "syn_swaps"):
         BENCHMARKS.get(name)(ctx)
     assert len(model.seen) == len(set(model.seen))
