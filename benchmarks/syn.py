@@ -9,10 +9,11 @@
   the test split (one object with its attributes; one relation without attributes) against every test image,
   an image a positive wherever the partial caption is true of it.
 - Syn-Swaps (a diagnosis, not an accuracy): how far the text tower puts a caption from its relation swap and
-  from its attribute swap (mean cosine of their features), and the image's mean score margin between the two,
-  the quantity Syn-Relation and Syn-Attribution threshold at 0. A tower that reads captions as bags of words
-  gives cosine 1 and margin 0 for the relation swap; an accuracy at chance with a cosine near 1 says the text
-  side cannot yet tell the two apart.
+  from its attribute swap (mean cosine of their features), how far the image tower puts a scene from the scene
+  the swap describes (the two objects' boxes exchanged, or their colours), and the image's mean score margin
+  between the caption and its swap, the quantity Syn-Relation and Syn-Attribution threshold at 0. A tower that
+  reads captions as bags of words gives text cosine 1 for the relation swap, one that sees an image as a bag of
+  objects image cosine 1; an accuracy at chance says which side cannot yet tell the two apart.
 Every test image is encoded once and shared by the benchmarks, and so is every distinct caption (with its graph). Each caption option is passed with its
 own exact scene graph (the swapped graph for a swap), for methods that read graphs at test time.
 """
@@ -47,14 +48,16 @@ def world(ctx: BenchContext) -> ShapesWorld:
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, w: ShapesWorld, preprocess) -> None:
-        self.w, self.preprocess = w, preprocess
+    """The test scenes drawn (or other scenes of the same world, given as graphs) through the model transform."""
+
+    def __init__(self, w: ShapesWorld, preprocess, scenes: list[SceneGraph] | None = None) -> None:
+        self.w, self.preprocess, self.scenes = w, preprocess, scenes
 
     def __len__(self) -> int:
-        return len(self.w)
+        return len(self.w) if self.scenes is None else len(self.scenes)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.preprocess(self.w.render(self.w.graph(i)))
+        return self.preprocess(self.w.render(self.w.graph(i) if self.scenes is None else self.scenes[i]))
 
 
 def image_features(ctx: BenchContext) -> torch.Tensor:
@@ -186,28 +189,51 @@ def syn_partial_retrieval(ctx: BenchContext) -> BenchResult:
         f"caption), or any caption true of the image is (image->text)"])
 
 
+def exchange_boxes(scene: SceneGraph) -> SceneGraph:
+    """The scene its first relation's swap describes: that relation's subject and object trade places (their
+    boxes; with 2 mentioned objects of one size and one relation, every other fact stays as it was)."""
+    r = scene.relations[0]
+    objects = list(scene.objects)
+    a, b = objects[r.subject], objects[r.object]
+    objects[r.subject], objects[r.object] = type(a)(a.name, a.attributes, b.box), type(b)(b.name, b.attributes, a.box)
+    return scene.with_objects(tuple(objects))
+
+
 @BENCHMARKS.register("syn_swaps")
 def syn_swaps(ctx: BenchContext) -> BenchResult:
-    gs = graphs(ctx)
+    w, gs = world(ctx), graphs(ctx)
     true = text_features(ctx, [render_caption(g) for g in gs], gs)
     images = image_features(ctx)
     true_score = score_options(images, true[:, None])[:, 0]  # (N,)
+    unit = lambda x: F.normalize(x.float(), dim=-1)  # noqa: E731
+    # the scene a swap describes is drawn exactly (two boxes or two colours exchanged) with 2 mentioned objects
+    # of one size; distractors stay where they are
+    drawable = w.cfg.num_objects == 2 and not w.cfg.sizes
+    scenes = ctx.cached("syn_scenes", lambda: [w.graph(i) for i in range(len(w))]) if drawable else []
     metrics, notes = {}, []
-    for kind, swap in (("relation", lambda g: swap_relation(g, 0)), ("attribute", lambda g: swap_attributes(g, 0, 1))):
+    swaps = (("relation", lambda g: swap_relation(g, 0), exchange_boxes),
+             ("attribute", lambda g: swap_attributes(g, 0, 1), lambda g: swap_attributes(g, 0, 1)))
+    for kind, swap, redraw in swaps:
         swapped = [swap(g) for g in gs]
         feats = text_features(ctx, [render_caption(g) for g in swapped], swapped)  # (N, D)
-        cos = (F.normalize(true.float(), dim=-1) * F.normalize(feats.float(), dim=-1)).sum(-1)  # (N,)
         margin = true_score - score_options(images, feats[:, None])[:, 0]  # (N,)
-        metrics[f"syn_swaps/{kind}_text_cos"] = cos.mean().item()
+        metrics[f"syn_swaps/{kind}_text_cos"] = (unit(true) * unit(feats)).sum(-1).mean().item()
+        if drawable:
+            drawn = encode_image_dataset(ctx.model, _Images(w, ctx.preprocess, [redraw(g) for g in scenes]),
+                                         batch_size=ctx.spec.batch_size, desc=f"{kind}-swapped scenes")  # (N, D)
+            metrics[f"syn_swaps/{kind}_image_cos"] = (unit(images) * unit(drawn)).sum(-1).mean().item()
         metrics[f"syn_swaps/{kind}_margin"] = margin.mean().item()
         notes.append(f"{kind} swap: margin {margin.mean().item():.4f} ± {margin.std().item():.4f}, "
                      f"positive for {(margin > 0).float().mean().item():.3f} of the images")
-    # a scale for the cosines: each test caption against the next test image's, where the two differ
+    if not drawable:
+        notes.append("image cosines not measured: a swapped scene is drawn exactly only with 2 mentioned objects "
+                     "and no sizes")
+    # a scale for the text cosines: each test caption against the next test image's, where the two differ
     captions = [render_caption(g) for g in gs]
     other = [i for i in range(len(gs)) if captions[i] != captions[(i + 1) % len(gs)]]
-    unit = F.normalize(true.float(), dim=-1)
     if other:
-        pair = (unit[other] * unit[[(i + 1) % len(gs) for i in other]]).sum(-1).mean().item()
+        pair = (unit(true[other]) * unit(true[[(i + 1) % len(gs) for i in other]])).sum(-1).mean().item()
         notes.append(f"two different test captions: mean text cosine {pair:.3f} ({len(other)} pairs)")
-    return BenchResult(metrics, FAMILY_SWAPS, notes=["Syn-Swaps: text cosine of a caption and its swap; image score "
-                                                     "margin true minus swap (" + "; ".join(notes) + ")"])
+    return BenchResult(metrics, FAMILY_SWAPS, notes=[
+        "Syn-Swaps: text cosine of a caption and its swap, image cosine of a scene and the scene the swap describes, "
+        "image score margin true minus swap (" + "; ".join(notes) + ")"])

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.base import BENCHMARKS, BenchContext
 from configs.schema import BenchSpec
-from datamodules.shapes import ShapesWorld, render_caption
+from datamodules.shapes import BACKGROUND, COLOURS, ShapesWorld, holds, render_caption
 
 VOCAB = ["a", "an", "there", "is", "the", "to", "left", "right", "of", "above", "below",
          "red", "green", "blue", "yellow", "purple", "orange", "white", "cyan",
@@ -33,8 +33,9 @@ class BagOfWordsModel:
     def preprocess(self, image) -> torch.Tensor:
         return torch.from_numpy(np.frombuffer(np.asarray(image).tobytes(), dtype=np.uint8).copy())
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([bag_of_words(self.caption_of[x.numpy().tobytes()]) for x in images])
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:  # a scene not in the test split: zeros
+        return torch.stack([bag_of_words(self.caption_of[x.numpy().tobytes()]) if x.numpy().tobytes() in self.caption_of
+                            else torch.zeros(len(VOCAB)) for x in images])
 
     def encode_captions(self, texts, graphs=None) -> torch.Tensor:
         return torch.stack([bag_of_words(t) for t in texts])
@@ -47,9 +48,9 @@ class OracleModel(BagOfWordsModel):
         super().__init__(world)
         self.index = {c: i for i, c in enumerate(dict.fromkeys(self.caption_of.values()))}
 
-    def encode_images(self, images):
-        return F.one_hot(torch.tensor([self.index[self.caption_of[x.numpy().tobytes()]] for x in images]),
-                         len(self.index) + 1).float()
+    def encode_images(self, images):  # a scene not in the test split: the slot of captions it does not know
+        return F.one_hot(torch.tensor([self.index.get(self.caption_of.get(x.numpy().tobytes()), len(self.index))
+                                       for x in images]), len(self.index) + 1).float()
 
     def encode_captions(self, texts, graphs=None):
         return F.one_hot(torch.tensor([self.index.get(t, len(self.index)) for t in texts]), len(self.index) + 1).float()
@@ -184,3 +185,48 @@ def test_every_distinct_caption_is_encoded_once_across_the_benchmarks():
     assert len(model.seen) == len(set(model.seen))
     true = {(render_caption(world.mentioned(world.graph(i))), world.mentioned(world.graph(i))) for i in range(30)}
     assert true <= set(model.seen)  # the true captions with their graphs, asked for by five benchmarks, came once
+
+
+class ColourCountModel(BagOfWordsModel):
+    """Sees an image as a bag of objects: how many pixels of each palette colour (layout-blind), beside
+    bag-of-words captions."""
+
+    def preprocess(self, image) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(image).astype(np.float32))  # (H, W, 3)
+
+    def encode_images(self, images):
+        palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32)  # (C, 3)
+        counts = (images[:, :, :, None, :] == palette).all(-1).flatten(1, 2).sum(1).float()  # (N, C)
+        return F.normalize(F.pad(counts, (0, len(VOCAB) - counts.shape[1])), dim=-1)
+
+
+class PixelModel(ColourCountModel):
+    """Sees an image as its pixels less the background: where every object is."""
+
+    def encode_images(self, images):
+        return F.normalize((images - torch.tensor(BACKGROUND, dtype=torch.float32)).flatten(1), dim=-1)
+
+    def encode_captions(self, texts, graphs=None):  # the scores are not looked at; only the dimensions must agree
+        return F.normalize(torch.ones(len(texts), 32 * 32 * 3), dim=-1)
+
+
+def test_swaps_measure_how_far_the_image_side_puts_the_swapped_scene():
+    blind = swap_metrics(ColourCountModel).metrics
+    assert blind["syn_swaps/relation_image_cos"] > 0.99  # the same objects elsewhere: the same colour counts
+    assert blind["syn_swaps/attribute_image_cos"] < 0.99  # colours traded between shapes of different areas
+    seeing = swap_metrics(PixelModel).metrics
+    assert seeing["syn_swaps/relation_image_cos"] < 0.5  # objects moved: their pixels hardly overlap
+
+
+def test_exchanged_boxes_draw_the_scene_the_relation_swap_describes():
+    from benchmarks.syn import exchange_boxes
+
+    world = ShapesWorld(ShapesWorld.Config(test_size=50), "test")
+    for i in range(len(world)):
+        scene = world.graph(i)
+        r, swapped = scene.relations[0], exchange_boxes(scene)
+        a, b = swapped.objects[r.subject], swapped.objects[r.object]
+        assert (a.name, a.attributes, b.name, b.attributes) == tuple(
+            x for e in (scene.objects[r.subject], scene.objects[r.object]) for x in (e.name, e.attributes))
+        assert holds(r.predicate, b.box, a.box, world.cfg.margin * world.cfg.image_size)  # now b stands where a did
+        assert not holds(r.predicate, a.box, b.box, 0.0)
