@@ -14,8 +14,8 @@
   between the caption and its swap, the quantity Syn-Relation and Syn-Attribution threshold at 0. A tower that
   reads captions as bags of words gives text cosine 1 for the relation swap, one that sees an image as a bag of
   objects image cosine 1; an accuracy at chance says which side cannot yet tell the two apart.
-Every test image is encoded once and shared by the benchmarks, and so is every distinct caption (with its graph). Each caption option is passed with its
-own exact scene graph (the swapped graph for a swap), for methods that read graphs at test time.
+Every test image is encoded once and shared by the benchmarks, and so is every distinct caption (with its
+graph). Each caption option is passed with its own exact scene graph (the swapped graph for a swap), for methods that read graphs at test time.
 """
 from __future__ import annotations
 
@@ -48,21 +48,27 @@ def world(ctx: BenchContext) -> ShapesWorld:
 
 
 class _Images(torch.utils.data.Dataset):
-    """The test scenes drawn (or other scenes of the same world, given as graphs) through the model transform."""
+    """Scenes of the world (full graphs, distractors included) drawn and put through the model transform."""
 
-    def __init__(self, w: ShapesWorld, preprocess, scenes: list[SceneGraph] | None = None) -> None:
+    def __init__(self, w: ShapesWorld, preprocess, scenes: list[SceneGraph]) -> None:
         self.w, self.preprocess, self.scenes = w, preprocess, scenes
 
     def __len__(self) -> int:
-        return len(self.w) if self.scenes is None else len(self.scenes)
+        return len(self.scenes)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.preprocess(self.w.render(self.w.graph(i) if self.scenes is None else self.scenes[i]))
+        return self.preprocess(self.w.render(self.scenes[i]))
+
+
+def scenes(ctx: BenchContext) -> list[SceneGraph]:
+    """Each test scene's full graph, distractors included (what is drawn)."""
+    w = world(ctx)
+    return ctx.cached("syn_scenes", lambda: [w.graph(i) for i in range(len(w))])
 
 
 def image_features(ctx: BenchContext) -> torch.Tensor:
     w = world(ctx)
-    return ctx.cached("syn_images", lambda: encode_image_dataset(ctx.model, _Images(w, ctx.preprocess),
+    return ctx.cached("syn_images", lambda: encode_image_dataset(ctx.model, _Images(w, ctx.preprocess, scenes(ctx)),
                                                                   batch_size=ctx.spec.batch_size, desc="syn images"))
 
 
@@ -172,8 +178,8 @@ def syn_partial_retrieval(ctx: BenchContext) -> BenchResult:
     w = world(ctx)
     facts = dict(f for g in graphs(ctx) for f in partial_facts(w, g))  # distinct partial captions, first-seen order
     texts = list(facts)
-    scenes = ctx.cached("syn_scenes", lambda: [w.graph(i) for i in range(len(w))])  # with distractors
-    positives = torch.tensor([[fact_holds(facts[t], s) for s in scenes] for t in texts])  # (N_text, N_image)
+    drawn = scenes(ctx)
+    positives = torch.tensor([[fact_holds(facts[t], s) for s in drawn] for t in texts])  # (N_text, N_image)
     feats = text_features(ctx, texts)
     m = retrieval_metrics(image_features(ctx), feats, positives=positives, ks=(1, 5, 10))
     metrics = {f"syn_partial/t2i_R@{k}": m[f"image_retrieval_recall@{k}"] for k in (1, 5, 10)}
@@ -184,7 +190,7 @@ def syn_partial_retrieval(ctx: BenchContext) -> BenchResult:
         metrics[f"syn_partial/t2i_R@1_{kind}"] = hits["image_retrieval_recall@1"]
     return BenchResult(metrics, FAMILY_PARTIAL, notes=[
         f"Syn-Partial-Retrieval: {len(texts)} distinct partial captions ({int(sum(facts[t][0] == 'object' for t in texts))} "
-        f"objects, the rest relations without attributes) against {len(scenes)} test images; a hit if any image the "
+        f"objects, the rest relations without attributes) against {len(drawn)} test images; a hit if any image the "
         f"caption is true of is in the top k (text->image, mean {positives.sum(1).float().mean():.1f} true images per "
         f"caption), or any caption true of the image is (image->text)"])
 
@@ -202,24 +208,24 @@ def exchange_boxes(scene: SceneGraph) -> SceneGraph:
 @BENCHMARKS.register("syn_swaps")
 def syn_swaps(ctx: BenchContext) -> BenchResult:
     w, gs = world(ctx), graphs(ctx)
-    true = text_features(ctx, [render_caption(g) for g in gs], gs)
+    captions = [render_caption(g) for g in gs]
+    true = text_features(ctx, captions, gs)
     images = image_features(ctx)
     true_score = score_options(images, true[:, None])[:, 0]  # (N,)
     unit = lambda x: F.normalize(x.float(), dim=-1)  # noqa: E731
     # the scene a swap describes is drawn exactly (two boxes or two colours exchanged) with 2 mentioned objects
     # of one size; distractors stay where they are
     drawable = w.cfg.num_objects == 2 and not w.cfg.sizes
-    scenes = ctx.cached("syn_scenes", lambda: [w.graph(i) for i in range(len(w))]) if drawable else []
     metrics, notes = {}, []
-    swaps = (("relation", lambda g: swap_relation(g, 0), exchange_boxes),
-             ("attribute", lambda g: swap_attributes(g, 0, 1), lambda g: swap_attributes(g, 0, 1)))
+    trade_attributes = lambda g: swap_attributes(g, 0, 1)  # noqa: E731  (the caption's swap draws as it is)
+    swaps = (("relation", lambda g: swap_relation(g, 0), exchange_boxes), ("attribute", trade_attributes, trade_attributes))
     for kind, swap, redraw in swaps:
         swapped = [swap(g) for g in gs]
         feats = text_features(ctx, [render_caption(g) for g in swapped], swapped)  # (N, D)
         margin = true_score - score_options(images, feats[:, None])[:, 0]  # (N,)
         metrics[f"syn_swaps/{kind}_text_cos"] = (unit(true) * unit(feats)).sum(-1).mean().item()
         if drawable:
-            drawn = encode_image_dataset(ctx.model, _Images(w, ctx.preprocess, [redraw(g) for g in scenes]),
+            drawn = encode_image_dataset(ctx.model, _Images(w, ctx.preprocess, [redraw(g) for g in scenes(ctx)]),
                                          batch_size=ctx.spec.batch_size, desc=f"{kind}-swapped scenes")  # (N, D)
             metrics[f"syn_swaps/{kind}_image_cos"] = (unit(images) * unit(drawn)).sum(-1).mean().item()
         metrics[f"syn_swaps/{kind}_margin"] = margin.mean().item()
@@ -229,7 +235,6 @@ def syn_swaps(ctx: BenchContext) -> BenchResult:
         notes.append("image cosines not measured: a swapped scene is drawn exactly only with 2 mentioned objects "
                      "and no sizes")
     # a scale for the text cosines: each test caption against the next test image's, where the two differ
-    captions = [render_caption(g) for g in gs]
     other = [i for i in range(len(gs)) if captions[i] != captions[(i + 1) % len(gs)]]
     if other:
         pair = (unit(true[other]) * unit(true[[(i + 1) % len(gs) for i in other]])).sum(-1).mean().item()
