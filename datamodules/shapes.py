@@ -73,6 +73,15 @@ def converse(graph: SceneGraph) -> SceneGraph:
     return graph.with_relations(tuple(Relation(r.object, PREDICATES[r.predicate][1], r.subject) for r in graph.relations))
 
 
+def flip_predicate(graph: SceneGraph, index: int = 0) -> SceneGraph:
+    """The graph with relation `index`'s predicate replaced by its converse, the objects left in place ("a left of
+    b" -> "a right of b"): a false caption one word away from the true one."""
+    relations = list(graph.relations)
+    r = relations[index]
+    relations[index] = Relation(r.subject, PREDICATES[r.predicate][1], r.object)
+    return graph.with_relations(tuple(relations))
+
+
 def swap_names(graph: SceneGraph, i: int = 0, j: int = 1) -> SceneGraph:
     """The graph with the nouns (shapes) of objects i and j exchanged, attributes left in place."""
     objects = list(graph.objects)
@@ -132,6 +141,9 @@ class ShapesWorld:
         val_size: int = 512
         test_size: int = 1000
         holdout: list[str] = field(default_factory=list)  # "colour shape" pairs never drawn in train
+        # the true captions include each relation stated the other way ("b right of a" beside "a left of b");
+        # off: only the direction the scene graph states, in each template
+        converse_captions: bool = True
 
     def __init__(self, cfg: "ShapesWorld.Config", split: str) -> None:
         if split not in SPLITS:
@@ -228,13 +240,14 @@ class ShapesWorld:
             draw(canvas, e.name, e.box, COLOURS[colour])
         return image
 
-    @staticmethod
-    def caption_forms() -> list[tuple[int, bool]]:
+    def caption_forms(self) -> list[tuple[int, bool]]:
         """(template, converse) of each full caption, in the order of `captions`."""
-        return [(t, conv) for conv in (False, True) for t in range(len(TEMPLATES))]
+        directions = (False, True) if self.cfg.converse_captions else (False,)
+        return [(t, conv) for conv in directions for t in range(len(TEMPLATES))]
 
     def captions(self, graph: SceneGraph) -> list[str]:
-        """Every true full caption: each template, each direction; captions[0] is the canonical one."""
+        """Every true full caption: each template, in each direction (`converse_captions`); captions[0] is the
+        canonical one."""
         g = self.mentioned(graph)
         return [render_caption(g, t, conv) for t, conv in self.caption_forms()]
 

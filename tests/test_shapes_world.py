@@ -227,6 +227,22 @@ def test_every_caption_names_both_objects_and_a_predicate_and_the_converse_is_tr
         assert [(r.subject, r.predicate, r.object) for r in conv.relations] == [(o, CONVERSE[p], sub) for sub, p, o in truth]
 
 
+def test_without_converse_captions_only_the_stated_direction_is_a_caption_and_its_negatives_follow():
+    both = ShapesWorld(DEFAULT, "train")
+    forward = ShapesWorld(ShapesWorld.Config(converse_captions=False), "train")
+    for i in range(20):
+        s, f = both[i], forward[i]
+        assert f.image.tobytes() == s.image.tobytes() and f.graph == s.graph  # same scenes
+        assert f.captions == s.captions[:3]
+        assert f.extra["caption_graphs"] == [s.graph] * 3
+        for k in range(3):
+            assert f.extra["negative_captions"](k) == s.extra["negative_captions"](k)
+        # no caption states a relation the other way: its words give the graph's own triples
+        phrases = {e.phrase(): j for j, e in enumerate(f.graph.objects)}
+        truth = [(r.subject, r.predicate, r.object) for r in f.graph.relations]
+        assert [parse(c, k, phrases) for k, c in enumerate(f.captions)] == [truth] * 3
+
+
 @pytest.mark.parametrize(
     "cfg",
     [HARD, ShapesWorld.Config(image_size=64, num_objects=4, distractors=2, object_size=0.15),
