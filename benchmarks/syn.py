@@ -2,18 +2,22 @@
 
 - Syn-Relation: the true caption against the same caption with a relation's subject and object swapped
   (ARO VG-Relation's idea; a tie counts as wrong, as in ARO's VG benchmarks).
+- Syn-Relation-Converse: the same pairs with each relation stated the other way ("b right of a" against "a right
+  of b"), which tells relations learned from canonical captions alone from a phrasing the model has memorised.
 - Syn-Attribution: the true caption against the one with the two objects' attributes swapped (tie = wrong).
 - Syn-Order: the true caption against ARO's four word-order shuffles of it (tie = right, as ARO's Order).
 - Syn-Retrieval: image->text and text->image Recall@1/5/10 with the canonical caption of each test image.
 - Syn-Partial-Retrieval: the same with short prompts (SmartCLIP's claim): every distinct partial caption of
   the test split (one object with its attributes; one relation without attributes) against every test image,
   an image a positive wherever the partial caption is true of it.
-- Syn-Swaps (a diagnosis, not an accuracy): how far the text tower puts a caption from its relation swap and
-  from its attribute swap (mean cosine of their features), how far the image tower puts a scene from the scene
-  the swap describes (the two objects' boxes exchanged, or their colours), and the image's mean score margin
-  between the caption and its swap, the quantity Syn-Relation and Syn-Attribution threshold at 0. A tower that
-  reads captions as bags of words gives text cosine 1 for the relation swap, one that sees an image as a bag of
-  objects image cosine 1; an accuracy at chance says which side cannot yet tell the two apart.
+- Syn-Swaps (a diagnosis, not an accuracy): how far the text tower puts a caption from its relation swap, from
+  its attribute swap and from its predicate flip ("a right of b" for "a left of b", one word apart; mean cosine
+  of their features), how far the image tower puts a scene from the scene the swap describes (the two objects'
+  boxes exchanged, or their colours), and the image's mean score margin between the caption and each swap, the
+  quantity Syn-Relation and Syn-Attribution threshold at 0. A tower that reads captions as bags of words gives
+  text cosine 1 for the relation swap, one that also ignores the predicate word 1 for the predicate flip, one
+  that sees an image as a bag of objects image cosine 1; an accuracy at chance says which side cannot yet tell
+  the two apart.
 Every test image is encoded once and shared by the benchmarks, and so is every distinct caption (with its
 graph). Each caption option is passed with its own exact scene graph (the swapped graph for a swap), for methods that read graphs at test time.
 """
@@ -29,7 +33,7 @@ from benchmarks.scoring import (choice_correct, encode_image_dataset, encode_uni
                                 score_options)
 from datamodules.negatives import order_negatives, swap_attributes, swap_relation
 from datamodules.graph import SceneGraph
-from datamodules.shapes import ShapesWorld, holds, render_caption, word_tags
+from datamodules.shapes import ShapesWorld, converse, flip_predicate, holds, render_caption, word_tags
 
 FAMILY_CHOICE, FAMILY_RETRIEVAL, FAMILY_PARTIAL, FAMILY_SWAPS = "syn_choice", "syn_retrieval", "syn_partial", "syn_swaps"
 
@@ -110,6 +114,18 @@ def syn_relation(ctx: BenchContext) -> BenchResult:
     options = [[render_caption(g) for g in row] for row in option_graphs]
     acc, _ = choice_benchmark(ctx, options, ties="wrong", option_graphs=option_graphs)
     return BenchResult({"syn_relation": acc}, FAMILY_CHOICE, notes=["Syn-Relation: tie counts as wrong; chance 0.5"])
+
+
+@BENCHMARKS.register("syn_relation_converse")
+def syn_relation_converse(ctx: BenchContext) -> BenchResult:
+    """Syn-Relation with every relation stated the other way: "b right of a" against "a right of b". A model
+    trained on canonical captions alone has seen this phrasing only as other scenes' canonical captions."""
+    option_graphs = [[converse(g), converse(swap_relation(g, 0))] for g in graphs(ctx)]
+    options = [[render_caption(g) for g in row] for row in option_graphs]
+    acc, _ = choice_benchmark(ctx, options, ties="wrong", option_graphs=option_graphs)
+    return BenchResult({"syn_relation_converse": acc}, FAMILY_CHOICE,
+                       notes=["Syn-Relation-Converse: the Syn-Relation pairs with each relation stated the other way "
+                              "(the converse predicate, its objects exchanged); tie counts as wrong; chance 0.5"])
 
 
 @BENCHMARKS.register("syn_attribution")
@@ -218,13 +234,15 @@ def syn_swaps(ctx: BenchContext) -> BenchResult:
     drawable = w.cfg.num_objects == 2 and not w.cfg.sizes
     metrics, notes = {}, []
     trade_attributes = lambda g: swap_attributes(g, 0, 1)  # noqa: E731  (the caption's swap draws as it is)
-    swaps = (("relation", lambda g: swap_relation(g, 0), exchange_boxes), ("attribute", trade_attributes, trade_attributes))
+    # the predicate flip ("a right of b" for "a left of b") describes the relation swap's scene: no image of its own
+    swaps = (("relation", lambda g: swap_relation(g, 0), exchange_boxes), ("attribute", trade_attributes, trade_attributes),
+             ("predicate", lambda g: flip_predicate(g, 0), None))
     for kind, swap, redraw in swaps:
         swapped = [swap(g) for g in gs]
         feats = text_features(ctx, [render_caption(g) for g in swapped], swapped)  # (N, D)
         margin = true_score - score_options(images, feats[:, None])[:, 0]  # (N,)
         metrics[f"syn_swaps/{kind}_text_cos"] = (unit(true) * unit(feats)).sum(-1).mean().item()
-        if drawable:
+        if drawable and redraw is not None:
             drawn = encode_image_dataset(ctx.model, _Images(w, ctx.preprocess, [redraw(g) for g in scenes(ctx)]),
                                          batch_size=ctx.spec.batch_size, desc=f"{kind}-swapped scenes")  # (N, D)
             metrics[f"syn_swaps/{kind}_image_cos"] = (unit(images) * unit(drawn)).sum(-1).mean().item()

@@ -62,7 +62,8 @@ def test_compare_has_a_row_per_method_baseline_first(tmp_path, capsys):
     assert sweep_main([sweep]) == 0
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| method | seeds | syn_relation | syn_attribution | syn_order | syn_retrieval/i2t_R@1")
+    assert table[0].startswith("| method | seeds | syn_relation | syn_relation_converse | syn_attribution | syn_order "
+                               "| syn_retrieval/i2t_R@1")
     rows = [line.split("|")[1].strip() for line in table[1:]]
     assert rows[0] == "clip" and set(METHODS.names()) <= set(rows)
     assert "(+" in table[2] or "(-" in table[2]  # differences to the baseline

@@ -95,6 +95,31 @@ def test_seeded_order_benchmark_is_reproducible():
     assert a == b
 
 
+class TruthModel(OracleModel):
+    """Knows every true caption of a scene, in each template and direction: an image is the normalised sum of
+    its true captions' one-hots."""
+
+    def __init__(self, world: ShapesWorld) -> None:
+        BagOfWordsModel.__init__(self, world)
+        self.truths = {np.asarray(world[i].image).tobytes(): world[i].captions for i in range(len(world))}
+        self.index = {c: k for k, c in enumerate(dict.fromkeys(c for cs in self.truths.values() for c in cs))}
+
+    def encode_images(self, images):
+        return F.normalize(torch.stack([F.one_hot(torch.tensor([self.index[c] for c in self.truths[x.numpy().tobytes()]]),
+                                                  len(self.index) + 1).sum(0).float() for x in images]), dim=-1)
+
+
+def test_converse_relation_benchmark_reads_the_other_direction():
+    ctx, _ = context(TruthModel, 40)
+    assert BENCHMARKS.get("syn_relation_converse")(ctx).metrics["syn_relation_converse"] == 1.0
+    # the oracle of the canonical captions alone knows no converse caption: every pair ties, counted wrong
+    ctx, _ = context(OracleModel, 40)
+    assert BENCHMARKS.get("syn_relation")(ctx).metrics["syn_relation"] == 1.0
+    assert BENCHMARKS.get("syn_relation_converse")(ctx).metrics["syn_relation_converse"] == 0.0
+    ctx, _ = context(BagOfWordsModel, 40)  # the converse pair has the same words too
+    assert BENCHMARKS.get("syn_relation_converse")(ctx).metrics["syn_relation_converse"] == 0.0
+
+
 class FactModel(BagOfWordsModel):
     """Knows every partial fact of a scene: an image is the normalised sum of its true partial captions'
     one-hots (its own), a caption its one-hot; so each prompt scores highest on the images it names."""
@@ -163,6 +188,27 @@ def test_swaps_measure_how_far_the_text_side_puts_a_swap():
     assert oracle["syn_swaps/relation_margin"] == pytest.approx(1.0)
     assert oracle["syn_swaps/attribute_margin"] == pytest.approx(1.0)
     assert any("two different test captions" in n for n in bow.notes)
+    assert bow.metrics["syn_swaps/predicate_text_cos"] < 0.95  # "left" and "right" are different words
+    assert oracle["syn_swaps/predicate_text_cos"] == pytest.approx(0.0)
+    assert oracle["syn_swaps/predicate_margin"] == pytest.approx(1.0)
+    assert "syn_swaps/predicate_image_cos" not in oracle  # the flip describes the relation swap's scene
+    blind = swap_metrics(PredicateBlindModel).metrics
+    assert blind["syn_swaps/predicate_text_cos"] == pytest.approx(1.0)
+    assert blind["syn_swaps/predicate_margin"] == pytest.approx(0.0, abs=1e-6)
+
+
+class PredicateBlindModel(BagOfWordsModel):
+    """A bag of words that drops the predicate's words: "a left of b" and "a right of b" are the same text."""
+
+    @staticmethod
+    def _drop(text: str) -> str:
+        return " ".join(w for w in text.split() if w not in ("left", "right", "above", "below"))
+
+    def encode_images(self, images):  # a scene not in the test split (a drawn swap): no words, zeros
+        return super().encode_captions([self._drop(self.caption_of.get(x.numpy().tobytes(), "")) for x in images])
+
+    def encode_captions(self, texts, graphs=None):
+        return super().encode_captions([self._drop(t) for t in texts])
 
 
 class CountingModel(BagOfWordsModel):
@@ -180,7 +226,8 @@ class CountingModel(BagOfWordsModel):
 def test_every_distinct_caption_is_encoded_once_across_the_benchmarks():
     ctx, world = context(CountingModel, 30)
     model = ctx.model
-    for name in ("syn_relation", "syn_attribution", "syn_order", "syn_retrieval", "syn_partial_retrieval", "syn_swaps"):
+    for name in ("syn_relation", "syn_relation_converse", "syn_attribution", "syn_order", "syn_retrieval",
+                 "syn_partial_retrieval", "syn_swaps"):
         BENCHMARKS.get(name)(ctx)
     assert len(model.seen) == len(set(model.seen))
     true = {(render_caption(world.mentioned(world.graph(i))), world.mentioned(world.graph(i))) for i in range(30)}
