@@ -108,33 +108,32 @@ def choice_benchmark(ctx: BenchContext, options: list[list[str]], ties: str,
     return correct.float().mean().item(), correct
 
 
-@BENCHMARKS.register("syn_relation")
-def syn_relation(ctx: BenchContext) -> BenchResult:
-    option_graphs = [[g, swap_relation(g, 0)] for g in graphs(ctx)]
+def swap_choice(ctx: BenchContext, option_graphs: list[list[SceneGraph]], metric: str, note: str) -> BenchResult:
+    """Each test image against its options, rendered from their graphs (the true one first; tie counts as wrong)."""
     options = [[render_caption(g) for g in row] for row in option_graphs]
     acc, _ = choice_benchmark(ctx, options, ties="wrong", option_graphs=option_graphs)
-    return BenchResult({"syn_relation": acc}, FAMILY_CHOICE, notes=["Syn-Relation: tie counts as wrong; chance 0.5"])
+    return BenchResult({metric: acc}, FAMILY_CHOICE, notes=[note])
+
+
+@BENCHMARKS.register("syn_relation")
+def syn_relation(ctx: BenchContext) -> BenchResult:
+    return swap_choice(ctx, [[g, swap_relation(g, 0)] for g in graphs(ctx)], "syn_relation",
+                       "Syn-Relation: tie counts as wrong; chance 0.5")
 
 
 @BENCHMARKS.register("syn_relation_converse")
 def syn_relation_converse(ctx: BenchContext) -> BenchResult:
     """Syn-Relation with every relation stated the other way: "b right of a" against "a right of b". A model
     trained on canonical captions alone has seen this phrasing only as other scenes' canonical captions."""
-    option_graphs = [[converse(g), converse(swap_relation(g, 0))] for g in graphs(ctx)]
-    options = [[render_caption(g) for g in row] for row in option_graphs]
-    acc, _ = choice_benchmark(ctx, options, ties="wrong", option_graphs=option_graphs)
-    return BenchResult({"syn_relation_converse": acc}, FAMILY_CHOICE,
-                       notes=["Syn-Relation-Converse: the Syn-Relation pairs with each relation stated the other way "
-                              "(the converse predicate, its objects exchanged); tie counts as wrong; chance 0.5"])
+    return swap_choice(ctx, [[converse(g), converse(swap_relation(g, 0))] for g in graphs(ctx)], "syn_relation_converse",
+                       "Syn-Relation-Converse: the Syn-Relation pairs with each relation stated the other way (the "
+                       "converse predicate, its objects exchanged); tie counts as wrong; chance 0.5")
 
 
 @BENCHMARKS.register("syn_attribution")
 def syn_attribution(ctx: BenchContext) -> BenchResult:
-    option_graphs = [[g, swap_attributes(g, 0, 1)] for g in graphs(ctx)]
-    options = [[render_caption(g) for g in row] for row in option_graphs]
-    acc, _ = choice_benchmark(ctx, options, ties="wrong", option_graphs=option_graphs)
-    return BenchResult({"syn_attribution": acc}, FAMILY_CHOICE,
-                       notes=["Syn-Attribution: tie counts as wrong; chance 0.5"])
+    return swap_choice(ctx, [[g, swap_attributes(g, 0, 1)] for g in graphs(ctx)], "syn_attribution",
+                       "Syn-Attribution: tie counts as wrong; chance 0.5")
 
 
 @BENCHMARKS.register("syn_order")
