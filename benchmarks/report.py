@@ -132,19 +132,30 @@ def run_curve(run: Path, key: str) -> list[tuple[int, float]]:
 
 
 def curves_chart(runs: dict[str, Path], path: Path) -> None:
-    """Training loss per step and held-out loss per validation, one line per run, from each run's metrics.csv."""
+    """Training loss per step and held-out loss per validation, one line per run, from each run's metrics.csv;
+    and where the runs logged them, the validation images' relation and attribute swap accuracies (chance 0.5)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4))
-    ax_train, ax_val = fig.subplots(1, 2)
-    for label, run in runs.items():
-        train, val = run_curve(Path(run), "train/loss"), run_curve(Path(run), "val/loss")
-        if train:
-            ax_train.plot(*zip(*train), label=label, linewidth=1)
-        if val:
-            ax_val.plot(*zip(*val), marker="o", label=label)
+    swap_keys = ("val/relation_swap_acc", "val/attribute_swap_acc")
+    curves = {label: {k: run_curve(Path(run), k) for k in ("train/loss", "val/loss", *swap_keys)}
+              for label, run in runs.items()}
+    swaps = any(c[k] for c in curves.values() for k in swap_keys)
+    fig = Figure(figsize=(15 if swaps else 10, 4))
+    ax_train, ax_val, *ax_swap = fig.subplots(1, 3 if swaps else 2)
+    for i, (label, c) in enumerate(curves.items()):
+        colour = f"C{i % 10}"  # one colour per run in every panel
+        if c["train/loss"]:
+            ax_train.plot(*zip(*c["train/loss"]), label=label, linewidth=1, color=colour)
+        if c["val/loss"]:
+            ax_val.plot(*zip(*c["val/loss"]), marker="o", label=label, color=colour)
+        for key, style in zip(swap_keys, ("-", ":")) if swaps else ():
+            if c[key]:
+                ax_swap[0].plot(*zip(*c[key]), style, marker=".", color=colour)
     ax_train.set(title="training loss", xlabel="step")
     ax_val.set(title="validation loss (contrastive, held out)", xlabel="step")
     ax_train.legend(fontsize=7)
+    if swaps:
+        ax_swap[0].axhline(0.5, color="grey", linewidth=0.5)
+        ax_swap[0].set(title="validation: caption above its swap (relation -, attribute :)", xlabel="step", ylim=(0, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)

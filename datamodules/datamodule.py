@@ -194,10 +194,13 @@ class CaptionDataModule(L.LightningDataModule):
             source, transform = build_source(self.cfg, split), self.preprocess_train if train else self.preprocess_val
             if self.cfg.image_cache:
                 decoded.attach(source, transform, augment=train and self.cfg.augment)
+            # validation and test use the plain pairs, the same for every method; validation also the caption's
+            # relation and attribute swaps where the source makes them (val/relation_swap_acc each epoch)
+            probe = split == "val" and len(source) > 0 and source[0].extra.get("negative_captions") is not None
             self.datasets[split] = CaptionDataset(
                 source, transform, self.tokenize,
                 split=split, caption_sampling=self.cfg.caption_sampling if train else "first",
-                fields=self.extra_fields if train else (),  # validation and test use the plain pairs
+                fields=self.extra_fields if train else ("swap_probe",) if probe else (),
                 field_options=self.field_options, seed=self.seed, random_transform=train and self.cfg.augment,
             )
             if train and self.extra_fields and len(self.datasets[split]):

@@ -48,7 +48,7 @@ NEEDS: dict[str, tuple[str, Callable[[Sample], bool]]] = {
 NEEDS["caption_triples"] = NEEDS["caption_graph"]
 # the fields holding caption token ids in the tokenizer's context (a loader may cut them to the batch's longest)
 CAPTION_TOKEN_FIELDS = ("text", "neg_text", "hard_text", "hard_neg_text", "partial_text", "entity_text", "triple_text",
-                        "triple_hard")
+                        "triple_hard", "swap_text")
 TRIPLE_ELEMENT_TOKENS = 8  # token ids per triple element: start, up to 6 word pieces, end
 
 
@@ -233,6 +233,28 @@ def neg_text_field(sample: Sample, caption_index: int, ctx: FieldContext) -> dic
     neg = negative_caption(sample, caption_index, ctx)
     text = neg if neg is not None else sample.captions[caption_index]
     return {"neg_text": ctx.tokenize([text])[0], "has_neg": neg is not None}
+
+
+# the swaps of a held-out caption that validation scores against it (`swap_probe`), as val/<kind>_swap_acc
+PROBE_KINDS = ("relation", "attribute")
+
+
+@FIELDS.register("swap_probe")
+def swap_probe_field(sample: Sample, caption_index: int, ctx: FieldContext) -> dict[str, torch.Tensor]:
+    """The drawn caption's relation swap and attribute swap, for validation to ask each epoch whether the image
+    scores its caption above them (Syn-Relation and Syn-Attribution on the validation split): `swap_text`
+    (len(PROBE_KINDS), L) token ids, and `swap_valid` (len(PROBE_KINDS),), False where the source offers no such
+    swap (the ids are then the caption's own). The first offered caption of a kind, so every epoch asks the same."""
+    make = sample.extra.get("negative_captions")
+    offered = make(caption_index) if make is not None else {}
+    caption, texts, valid = sample.captions[caption_index], [], []
+    for kind in PROBE_KINDS:
+        swap = offered.get(kind)
+        swap = (swap[0] if swap else None) if isinstance(swap, list) else swap
+        ok = bool(swap) and swap != caption
+        texts.append(swap if ok else caption)
+        valid.append(ok)
+    return {"swap_text": ctx.tokenize(texts), "swap_valid": torch.tensor(valid)}
 
 
 @FIELDS.register("hard_image")

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from configs.registry import Registry
+from datamodules.fields import PROBE_KINDS
 from datamodules.graph import SceneGraph
 from methods import towers
 from methods.backbone import compile_towers, create_backbone
@@ -163,6 +164,30 @@ class ContrastiveMethod(L.LightningModule):
         self.log("val/loss", loss, sync_dist=True, batch_size=b, prog_bar=True)
         self.log("val/i2t_acc", (sims.argmax(1) == target).float().mean(), sync_dist=True, batch_size=b)
         self.log("val/t2i_acc", (sims.argmax(0) == target).float().mean(), sync_dist=True, batch_size=b)
+        if "swap_text" in batch:  # (B, K, L): the caption's relation and attribute swaps (datamodules.fields)
+            k = batch["swap_text"].shape[1]
+            swaps = self.encode_text_tokens(batch["swap_text"].flatten(0, 1)).view(b, k, -1)  # (B, K, D)
+            scores = torch.einsum("bd,bkd->bk", img, torch.cat([txt[:, None], swaps], 1))  # (B, 1 + K), one op
+            right = scores[:, 1:] < scores[:, :1]  # a tie is wrong
+            valid = batch["swap_valid"]
+            counts = torch.stack([(right & valid).sum(0), valid.sum(0)])  # (2, K): right, asked
+            self.swap_counts = counts if getattr(self, "swap_counts", None) is None else self.swap_counts + counts
+
+    def on_validation_epoch_start(self) -> None:
+        self.swap_counts: Tensor | None = None
+
+    def on_validation_epoch_end(self) -> None:
+        """val/<kind>_swap_acc: how often a held-out image scores its caption above the caption's swap of that kind
+        (ties wrong), over the whole validation split (every rank's counts summed; one sync an epoch)."""
+        counts = getattr(self, "swap_counts", None)
+        if counts is None:
+            return
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        for kind, (right, asked) in zip(PROBE_KINDS, counts.T.tolist()):
+            if asked:
+                self.log(f"val/{kind}_swap_acc", right / asked, sync_dist=False, rank_zero_only=False)
+        self.swap_counts = None
 
     # -- optimisation ------------------------------------------------------------------------------
     def own_param_groups(self) -> dict[str, dict[str, Any]]:

@@ -141,3 +141,57 @@ def test_smartclip_and_trim_zero_keep_the_full_context(make_cfg):
         dm.setup("fit")
         batch = next(iter(dm.train_dataloader()))
         assert batch["text"].shape[-1] == cfg.model.arch.text_cfg.context_length, args
+
+
+def test_validation_asks_each_caption_against_its_relation_and_attribute_swap(make_cfg):
+    """Each validation item brings its canonical caption's relation swap (subject and object exchanged) and its
+    attribute swap (the two objects' attributes exchanged), both read here with our own parse of the template;
+    training and test items do not."""
+    from tests_support import CLAUSE
+
+    article = lambda phrase: ("an" if phrase[0] in "aeiou" else "a") + " " + phrase  # noqa: E731
+    module, dm = build(make_cfg())
+    dm.setup("fit")
+    val = dm.dataset("val")
+    for i in range(8):
+        item, caption = val[i], val.source[i].captions[0]
+        m = CLAUSE[0].match(caption)
+        (*attrs_s, name_s), (*attrs_o, name_o) = m["s"].split(), m["o"].split()
+        relation_swap = f"{article(m['o'])} {m['p']} {article(m['s'])}"
+        attribute_swap = f"{article(' '.join(attrs_o + [name_s]))} {m['p']} {article(' '.join(attrs_s + [name_o]))}"
+        assert item["swap_valid"].tolist() == [True, attrs_s != attrs_o]
+        assert torch.equal(item["swap_text"][0], module.tokenizer([relation_swap])[0])
+        assert torch.equal(item["swap_text"][1], module.tokenizer([attribute_swap if attrs_s != attrs_o else caption])[0])
+    assert "swap_text" not in dm.dataset("train")[0]
+    dm.setup("test")
+    assert "swap_text" not in dm.dataset("test")[0]
+
+
+def test_validation_swap_accuracy_counts_every_item_once_and_ties_as_wrong(make_cfg, tmp_path):
+    """val/relation_swap_acc and val/attribute_swap_acc over batches of unequal size equal the fraction of
+    validation images that score their caption strictly above its swap, computed here item by item."""
+    import lightning as L
+
+    cfg = make_cfg("data.options.val_size=30", "data.eval_batch_size=12")  # batches of 12, 12 and 6
+    module, dm = build(cfg)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path)
+    metrics = trainer.validate(module, dm, verbose=False)[0]
+    val = dm.dataset("val")
+    module.eval()
+    right = torch.zeros(2)
+    with torch.no_grad():
+        for i in range(len(val)):
+            item = val[i]
+            img = module.encode_image_tensor(item["image"][None])[0]
+            texts = module.encode_text_tokens(torch.cat([item["text"][None], item["swap_text"]]))
+            scores = texts @ img
+            right += (scores[1:] < scores[0]).float()
+    assert metrics["val/relation_swap_acc"] == pytest.approx(right[0].item() / len(val), abs=1e-6)
+    assert metrics["val/attribute_swap_acc"] == pytest.approx(right[1].item() / len(val), abs=1e-6)
+
+    # a text tower that cannot tell a caption from its swaps ties every one: all wrong
+    module.encode_text_tokens = lambda tokens: torch.nn.functional.normalize(
+        torch.ones(len(tokens), module.model.text_projection.shape[1]), dim=-1)
+    metrics = trainer.validate(module, dm, verbose=False)[0]
+    assert metrics["val/relation_swap_acc"] == 0.0 and metrics["val/attribute_swap_acc"] == 0.0

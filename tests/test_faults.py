@@ -146,6 +146,15 @@ if __name__ == "__main__":
     (ok,) = list((tmp_path / "ok").glob("clip/*"))
     assert f"finished: {ok}" in out.stdout and (ok / "done.json").is_file()  # the launcher got the weights back
     assert read_checkpoint(ok / "checkpoints" / "last.ckpt")["global_step"] == 4
+    # the validation swap accuracy counts both ranks' halves of the split: one process validating the same
+    # weights on the whole split gets the same fraction
+    with open(ok / "metrics.csv") as f:
+        (logged,) = [float(r["val/relation_swap_acc"]) for r in csv.DictReader(f) if r.get("val/relation_swap_acc")]
+    module, dm = train_mod.build(train_mod.saved_config(ok))
+    module.load_state_dict(read_checkpoint(ok / "checkpoints" / "last.ckpt")["state_dict"])
+    one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, limit_val_batches=2,
+                    default_root_dir=tmp_path / "one").validate(module, dm, verbose=False)[0]
+    assert one["val/relation_swap_acc"] == pytest.approx(logged, abs=1e-6)
     assert out.returncode != 0 and "rank 1 fails at step 2 (injected)" in out.stderr
     (run,) = list((tmp_path / "runs").glob("clip/*"))
     ckpts = {p.name: read_checkpoint(p)["global_step"] for p in (run / "checkpoints").glob("*.ckpt")}
