@@ -153,9 +153,9 @@ def curves_chart(runs: dict[str, Path], path: Path) -> None:
                 ax_swap[0].plot(*zip(*c[key]), style, marker=".", color=colour)
     ax_train.set(title="training loss", xlabel="step")
     ax_val.set(title="validation loss (contrastive, held out)", xlabel="step")
-    ax_train.legend(fontsize=7)
+    ax_train.legend(fontsize=6, loc="upper right")
     if swaps:
         ax_swap[0].axhline(0.5, color="grey", linewidth=0.5)
-        ax_swap[0].set(title="validation: caption above its swap (relation -, attribute :)", xlabel="step", ylim=(0, 1))
+        ax_swap[0].set(title="validation: caption above its swap\n(relation -, attribute :; chance 0.5)", xlabel="step", ylim=(0, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)

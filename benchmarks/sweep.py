@@ -138,7 +138,8 @@ def aggregate(results: list[tuple[dict[str, Any], dict[str, Any]]], metrics: lis
                     g["values"].setdefault(m, []).append(float(row[m]))
     out = []
     for g in groups.values():
-        row = {"label": g["label"], "method": g["method"], "n_seeds": len(g["seeds"]), "runs": g["runs"]}
+        row = {"label": g["label"], "method": g["method"], "n_seeds": len(g["seeds"]), "runs": g["runs"],
+               "seeds": g["seeds"]}
         for m, vs in g["values"].items():
             row[m] = statistics.fmean(vs)
             row[f"{m} std"] = statistics.stdev(vs) if len(vs) > 1 else 0.0
@@ -192,7 +193,7 @@ def report(spec: SweepSpec, results: list[tuple[dict[str, Any], dict[str, Any]]]
     errors = [{m: g.get(f"{m} std", 0.0) for m in metrics} for g in groups]
     for family, ms in families.items():
         _chart(groups, ms, family, out / f"{family}.png", errors=errors)
-    curves_chart({g["label"] + f" (seed {i})": Path(run) for g in groups for i, run in enumerate(g["runs"][:1])},
+    curves_chart({g["label"] + f" (seed {seed})": Path(run) for g in groups for seed, run in zip(g["seeds"], g["runs"])},
                  out / "training_curves.png")
     print(md + f"\n\n{legend}\nwritten: {out}/results.md, results.csv, results.tex, "
           + ", ".join(f"{f}.png" for f in families) + ", training_curves.png")
