@@ -221,7 +221,12 @@ def run_trainer(cfg: DictConfig, run_dir: Path, throughput: Throughput) -> L.Tra
         cfg, run_dir,
         [
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
-                            save_last=True, auto_insert_metric_name=False),
+                            auto_insert_metric_name=False),
+            # last.ckpt at every epoch end. Not `save_last=True` of the callback above: since Lightning 2.6 that
+            # copies a checkpoint only when one is saved, so after the validation loss stops falling last.ckpt
+            # stays the best one, and `ckpt=last` would evaluate the best epoch's weights, not the final ones
+            ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, save_on_train_epoch_end=True,
+                            enable_version_counter=False, auto_insert_metric_name=False),
             *periodic,
             # an exception or a preemption signal (SIGTERM) writes interrupted.ckpt before the process ends
             InterruptCheckpoint(ckpt_dir / "interrupted.ckpt"),

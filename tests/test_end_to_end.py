@@ -57,3 +57,26 @@ def test_bench_finds_the_latest_run_of_each_method(make_cfg, tmp_path, capsys):
 def test_bench_without_runs_says_what_to_do(tmp_path, capsys):
     assert bench_main([f"runs_dir={tmp_path / 'none'}", f"out_dir={tmp_path / 'r'}"]) == 2
     assert "make train" in capsys.readouterr().err
+
+
+def test_last_checkpoint_is_the_final_epoch_even_after_the_best(make_cfg, monkeypatch):
+    """last.ckpt holds the final weights and best.ckpt those of the lowest validation loss. Here the validation loss
+    is made to rise every epoch, so the best is epoch 0 (Lightning 2.6's `save_last=True` would leave last.ckpt a
+    copy of it)."""
+    import lightning as L
+
+    from methods import train as train_mod
+
+    class RisingValLoss(L.Callback):
+        def on_validation_end(self, trainer, module):  # before the checkpoint callbacks, which run last
+            trainer.callback_metrics["val/loss"] = torch.tensor(float(trainer.current_epoch))
+
+    real = L.Trainer
+    monkeypatch.setattr(train_mod.L, "Trainer",
+                        lambda *a, callbacks=(), **k: real(*a, callbacks=[*callbacks, RisingValLoss()], **k))
+    run = train(make_cfg("trainer.max_epochs=3", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                         "trainer.num_sanity_val_steps=0"))
+    last, best = (torch.load(run / "checkpoints" / f"{n}.ckpt", map_location="cpu", weights_only=True)
+                  for n in ("last", "best"))
+    assert (last["epoch"], last["global_step"]) == (2, 6) and (best["epoch"], best["global_step"]) == (0, 2)
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]  # no last-v1
