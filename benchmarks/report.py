@@ -148,8 +148,8 @@ def curves_chart(runs: dict[str, Path], path: Path) -> None:
             ax_train.plot(*zip(*c["train/loss"]), label=label, linewidth=1, color=colour)
         if c["val/loss"]:
             ax_val.plot(*zip(*c["val/loss"]), marker="o", label=label, color=colour)
-        for key, style in zip(swap_keys, ("-", ":")) if swaps else ():
-            if c[key]:
+        for key, style in zip(swap_keys, ("-", ":")):
+            if c[key]:  # any run's swap curve means `swaps`: the panel exists
                 ax_swap[0].plot(*zip(*c[key]), style, marker=".", color=colour)
     ax_train.set(title="training loss", xlabel="step")
     ax_val.set(title="validation loss (contrastive, held out)", xlabel="step")

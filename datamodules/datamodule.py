@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules import decoded
 from datamodules.device_images import finish_images
 from datamodules.device_images import split as split_transform
-from datamodules.fields import BATCH_TABLES, CAPTION_TOKEN_FIELDS, FIELDS, FieldContext, check_source_offers
+from datamodules.fields import BATCH_TABLES, CAPTION_TOKEN_FIELDS, FIELDS, NEEDS, FieldContext, check_source_offers
 from datamodules.sampling import Draw, EpochSampler, ResumableLoader, derive_seed
 from datamodules.source import SOURCES, Source
 
@@ -196,7 +196,7 @@ class CaptionDataModule(L.LightningDataModule):
                 decoded.attach(source, transform, augment=train and self.cfg.augment)
             # validation and test use the plain pairs, the same for every method; validation also the caption's
             # relation and attribute swaps where the source makes them (val/relation_swap_acc each epoch)
-            probe = split == "val" and len(source) > 0 and source[0].extra.get("negative_captions") is not None
+            probe = split == "val" and len(source) > 0 and NEEDS["swap_probe"][1](source[0])
             self.datasets[split] = CaptionDataset(
                 source, transform, self.tokenize,
                 split=split, caption_sampling=self.cfg.caption_sampling if train else "first",

@@ -46,6 +46,7 @@ NEEDS: dict[str, tuple[str, Callable[[Sample], bool]]] = {
     "caption_graph": ("scene graphs", lambda s: bool(s.extra.get("caption_graphs")) or s.graph is not None),
 }
 NEEDS["caption_triples"] = NEEDS["caption_graph"]
+NEEDS["swap_probe"] = NEEDS["neg_text"]
 # the fields holding caption token ids in the tokenizer's context (a loader may cut them to the batch's longest)
 CAPTION_TOKEN_FIELDS = ("text", "neg_text", "hard_text", "hard_neg_text", "partial_text", "entity_text", "triple_text",
                         "triple_hard", "swap_text")
