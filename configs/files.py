@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -28,7 +29,9 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
     The temporary file is in the same folder, so the rename is atomic (a temporary file elsewhere, as in
     fsspec's transactions, is copied across file systems, and a kill mid-copy leaves half a file)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # a name of its own for each writer (process and thread): two writers of one file (DDP ranks filling one
+    # cache) each rename a whole file, the last one wins, and neither finds its temporary file gone
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f

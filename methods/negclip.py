@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from configs.files import atomic_open
 from methods.base import METHODS, ContrastiveMethod, dist_info
 from methods.losses import contrastive_loss
 
@@ -96,9 +97,8 @@ class NegCLIP(ContrastiveMethod):
             table.append(sims.topk(self.mcfg.neighbours, dim=1).indices)
         table = torch.cat(table)  # (N, k)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(table, tmp)
-        tmp.replace(path)
+        with atomic_open(path, "wb") as f:  # one temporary name per process: DDP ranks compute the same table at once
+            torch.save(table, f)
         return table
 
     def encode(self, batch: dict[str, Any]) -> dict[str, Tensor]:

@@ -29,6 +29,18 @@ def test_a_full_disk_never_leaves_half_a_file(tmp_path, monkeypatch):
     assert target.read_text() == '{"ok": 1}' and [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
 
+def test_two_writers_of_one_file_both_finish(tmp_path):
+    # DDP ranks that fill one cache file (NegCLIP's neighbour table) at the same moment: the outer writer's
+    # temporary file must survive the inner one's rename
+    target = tmp_path / "neighbours.pt"
+    with configs.files.atomic_open(target, "wb") as first:
+        with configs.files.atomic_open(target, "wb") as second:
+            torch.save(torch.arange(3), second)
+        torch.save(torch.arange(3), first)
+    assert torch.equal(torch.load(target, weights_only=True), torch.arange(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["neighbours.pt"]
+
+
 def test_corrupt_and_foreign_checkpoints_are_named_not_unpickled(make_cfg, tmp_path, capsys):
     run = train_mod.train(make_cfg("trainer.limit_train_batches=2", "trainer.limit_val_batches=1"))
     ckpt = run / "checkpoints" / "last.ckpt"
