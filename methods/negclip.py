@@ -97,7 +97,7 @@ class NegCLIP(ContrastiveMethod):
             table.append(sims.topk(self.mcfg.neighbours, dim=1).indices)
         table = torch.cat(table)  # (N, k)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(path, "wb") as f:  # one temporary name per process: DDP ranks compute the same table at once
+        with atomic_open(path, "wb") as f:  # a temporary name per writer: DDP ranks compute the same table at once
             torch.save(table, f)
         return table
 
