@@ -4,7 +4,8 @@
 
 Rows, each in a process of its own, timed after a warm-up (median over steps):
 - open_clip trainer: `open_clip_train.main --dataset-type synthetic`, eager and with `--torchcompile`;
-- bare step: open_clip's model, its ClipLoss and fused AdamW on inputs already on the device (the ceiling);
+- bare step: open_clip's model, its ClipLoss and fused AdamW on vanilla CLIP's `resident` batch, on the device
+  (the ceiling for the same work);
 - each registered method through the lab's Trainer, with its DataModule's data path (`data`: images made and
   transformed in workers) and with one batch kept on the device (`resident`: the step's own cost); and each
   named variant (`variants`: a method with settings of its own, e.g. NegCLIP without its hard images).

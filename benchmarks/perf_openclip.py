@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         register_arch(theirs[theirs.index("--model") + 1], json.loads(Path(ours[2]).read_text()))
     times = LogTimes()
     logging.getLogger().addHandler(times)
+    import open_clip
     from open_clip_train.main import main as train
 
     if train(theirs) == -1:
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             resource.RUSAGE_SELF).ru_maxrss * 1024,
         "memory_kind": "GPU allocated" if cuda else "host RSS", "clock": "host, synced at each log line",
         "windows": len(rates), "stand_ins": missing, "precision": theirs[theirs.index("--precision") + 1],
+        # its synthetic captions are tokenized to the model's full context, as its trainer's tokenizer pads them
+        "text_tokens": open_clip.get_tokenizer(theirs[theirs.index("--model") + 1]).context_length,
     }
     write_atomic(result_file, json.dumps(result, indent=2))
     print(json.dumps(result))

@@ -77,17 +77,18 @@ def markdown(info: dict[str, Any]) -> str:
               f"{spec['warmup']} are left out, median over the rest; torch {m['torch']}, lightning {m['lightning']}, "
               f"open_clip {m['open_clip']}.", "",
               "| row | samples/s | step (ms) | x open_clip trainer | x bare step | step x clip | peak memory "
-              "| syncs/step | precision |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| syncs/step | precision | caption tokens |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in info["rows"]:
         if "samples_per_sec" not in r:
             why = f"not run: {r['not_run']}" if "not_run" in r else f"failed: {r['error']}"
-            lines.append(f"| {r['name']} | {why} | | | | | | | |")
+            lines.append(f"| {r['name']} | {why} | | | | | | | | |")
             continue
         syncs = r.get("syncs_per_step")
         lines.append(f"| {r['name']} | {r['samples_per_sec']:.0f} | {1000 * r['step_time_s']:.1f} | "
                      f"{_x(r.get('vs_openclip'))} | {_x(r.get('vs_bare'))} | {_x(r.get('step_vs_clip'))} | "
-                     f"{_memory(r)} | {'' if syncs is None else f'{syncs:.2f}'} | {r.get('precision', '')} |")
+                     f"{_memory(r)} | {'' if syncs is None else f'{syncs:.2f}'} | {r.get('precision', '')} | "
+                     f"{r.get('text_tokens') or ''} |")
     if info.get("goals"):
         lines += ["", "Goals (figures, not tests):", ""]
         for g in info["goals"]:
@@ -96,7 +97,12 @@ def markdown(info: dict[str, Any]) -> str:
     stand_ins = sorted({n for r in info["rows"] for n in r.get("stand_ins", [])})
     lines += ["", "Notes:", "",
               "- `data`: the method's DataModule feeds the step (images made and transformed in DataLoader workers, "
-              "pinned memory); `resident`: one batch from that DataModule kept on the device and replayed.",
+              "pinned memory); `resident`: one batch from that DataModule kept on the device and replayed. The bare "
+              "step runs on vanilla CLIP's resident batch, so the two do the same work.",
+              "- `caption tokens`: the text length the step encodes. open_clip's trainer pads every caption to the "
+              "model's context; the lab cuts each batch after its longest caption where the method allows it "
+              "(`data.trim_text`; a `data` row's length varies per batch), which is part of its lead over that "
+              "trainer and none of its ratio to the bare step.",
               "- Lab and bare rows are timed on the device's clock on a GPU (CUDA events), open_clip's trainer between "
               "its log lines (it syncs there); both log every "
               f"{spec['log_every']} steps. `syncs/step`: host-device syncs per measured step (GPU only).",

@@ -6,8 +6,10 @@ caches, and a row that fails leaves the others standing: `python -m benchmarks.p
   steps. `inputs: data` reads through the DataModule's loaders (images made and transformed in workers,
   pinned memory); `inputs: resident` replays one batch made by that DataModule and kept on the device, so
   the step's own cost is measured without the data path.
-- `bare`: the ceiling: open_clip's model with its ClipLoss and fused AdamW, the inputs on the device, nothing
-  else; timed the same way (the device's clock on a GPU).
+- `bare`: the ceiling: open_clip's model with its ClipLoss and fused AdamW, nothing else, on the batch vanilla
+  CLIP's `resident` row replays (the same images and caption tokens, cut as the lab's loader cuts them), kept on
+  the device; timed the same way (the device's clock on a GPU). The two rows do the same work, so their ratio is
+  the lab's own cost.
 """
 from __future__ import annotations
 
@@ -94,6 +96,15 @@ class SyncCount(L.Callback):
         return self.count / self.steps if self.steps else None
 
 
+def resident_batch(dm: Any, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """The first `batch_size` training items of a DataModule, collated as its loader collates them (caption tokens
+    cut where the method allows it), on `device`."""
+    random.seed(0)  # the fields draw negatives with `random`
+    ds = dm.dataset("train")
+    batch = dm.collate_fn()([ds[i % len(ds)] for i in range(batch_size)])
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class _Replay(Dataset):
     """The same batch `n` times (a DataLoader with batch_size=None hands it over as it is)."""
 
@@ -125,10 +136,7 @@ class ResidentBatches(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.batch is None:
-            random.seed(0)  # the fields draw negatives with `random`
-            ds = self.dm.dataset("train")
-            batch = self.dm.collate_fn()([ds[i % len(ds)] for i in range(self.batch_size)])  # as its loader cuts
-            self.batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            self.batch = resident_batch(self.dm, self.batch_size, self.device)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Replay(self.batch, self.steps), batch_size=None, collate_fn=_as_is)
@@ -149,38 +157,48 @@ def lab_row(row: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(device)
         trainer.fit(module, datamodule=data)
         out = summarise(throughput.step_times, throughput.samples) | peak_memory(device)
+        tokens = data.batch["text"].shape[-1] if isinstance(data, ResidentBatches) else None
         return out | {"clock": throughput.summary()["clock"], "syncs_per_step": syncs.per_step,
-                      "sync_sites": syncs.sites,
-                      "precision": str(trainer.precision)}
+                      "sync_sites": syncs.sites, "precision": str(trainer.precision), "text_tokens": tokens}
 
 
 def bare_row(row: dict[str, Any]) -> dict[str, Any]:
-    """open_clip's model, its ClipLoss and fused AdamW on inputs already on the device: the practical ceiling."""
+    """open_clip's model, its ClipLoss and fused AdamW on vanilla CLIP's resident batch (`row["overrides"]` are that
+    row's), already on the device: the practical ceiling for the lab's step on the same inputs. The text tower runs
+    on the batch's cut tokens as the lab runs it (`methods.towers.encode_text_tokens`; open_clip's own `encode_text`
+    takes full-context tokens only, and on those the two are the same)."""
     import open_clip
+    import torch.nn.functional as F
 
     from methods.backbone import create_backbone
+    from methods.towers import encode_text_tokens
+
+    def step_forward(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        text = F.normalize(encode_text_tokens(model, texts)[0], dim=-1)
+        return model.encode_image(images, normalize=True), text, model.logit_scale.exp()
 
     cfg = compose_train(row["overrides"])
     device = device_of(cfg)
+    dm = build(cfg)[1]  # the lab's DataModule for this config (the method module it also builds is dropped)
+    dm.prepare_data()
+    batch = resident_batch(dm, cfg.data.batch_size, device)
+    del dm
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     model = create_backbone(cfg.model)[0].to(device)
-    b, size, ctx = cfg.data.batch_size, model.visual.image_size, model.context_length
-    size = size if isinstance(size, (tuple, list)) else (size, size)
-    images = torch.randn(b, 3, *size, device=device)
-    texts = torch.randint(1, model.vocab_size - 1, (b, ctx), device=device)
+    b, images, texts = cfg.data.batch_size, batch["image"], batch["text"]
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=True)
-    forward = torch.compile(model) if row["compile"] else model
+    forward = torch.compile(step_forward) if row["compile"] else step_forward
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     marks: list[Any] = []
     for _ in range(row["steps"]):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(*forward(images, texts))  # (image features, text features, logit scale)
+            loss = loss_fn(*forward(model, images, texts))  # (image features, text features, logit scale)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -189,7 +207,8 @@ def bare_row(row: dict[str, Any]) -> dict[str, Any]:
         marks.append(_mark(device))
     times = _elapsed(marks[row["warmup"]:], device)
     return summarise(times, b) | peak_memory(device) | {"clock": "device" if device.type == "cuda" else "host",
-                                                        "precision": "bf16 autocast" if bf16 else "fp32"}
+                                                        "precision": "bf16 autocast" if bf16 else "fp32",
+                                                        "text_tokens": texts.shape[-1]}
 
 
 def _mark(device: torch.device) -> Any:

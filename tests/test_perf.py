@@ -13,7 +13,7 @@ import torch
 from benchmarks.perf import lab_overrides, load_spec, plan
 from benchmarks.perf_openclip import stand_in, trainer_arguments, windows
 from benchmarks.perf_report import goals, markdown, with_ratios
-from benchmarks.perf_rows import lab_row
+from benchmarks.perf_rows import bare_row, lab_row, resident_batch
 from configs import ConfigError
 from methods import METHODS
 from methods.guard import LaggedRead, NonFiniteSteps
@@ -183,6 +183,7 @@ def test_open_clip_trainer_row_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = json.loads(result.read_text())
     assert out["windows"] == 4 and out["samples_per_sec"] > 0 and out["memory_kind"] == "host RSS"
+    assert out["text_tokens"] == compose_train([]).model.arch["text_cfg"]["context_length"]  # padded to full context
 
 
 @pytest.mark.parametrize("method,inputs", [("clip", "data"), ("structureclip", "resident")])
@@ -194,6 +195,24 @@ def test_lab_row_through_the_trainer_on_the_cpu(tmp_path, method, inputs):
     out = lab_row({"kind": "lab", "overrides": overrides, "inputs": inputs, "steps": 6, "warmup": 2})
     assert out["measured_steps"] == 3 and out["samples_per_sec"] > 0 and out["clock"] == "host"
     assert out["precision"] == "32-true" and out["syncs_per_step"] is None  # counted on a GPU only
+    assert (out["text_tokens"] is None) == (inputs == "data")  # a data row's length varies per batch
+
+
+def test_the_bare_step_runs_on_vanilla_clips_resident_batch(tmp_path):
+    """The ceiling does the lab's work: the same images and caption tokens (cut as the loader cuts them), not a
+    full-context batch the lab never encodes."""
+    from methods.train import build, compose_train
+
+    spec = load_spec(["perf=cpu", "batch_size=8", "steps=5", "warmup=1", "num_workers=0"])
+    row = next(r for r in plan(spec) if r["kind"] == "bare")
+    overrides = row["overrides"] + [f"cache_dir={tmp_path}"]
+    assert row["overrides"] == next(r for r in plan(spec) if r.get("method") == "clip"
+                                    and r["inputs"] == "resident")["overrides"]
+    out = bare_row(row | {"overrides": overrides})
+    assert out["measured_steps"] == 3 and out["samples_per_sec"] > 0 and out["clock"] == "host"
+    module, dm = build(compose_train(overrides))
+    lab = resident_batch(dm, 8, torch.device("cpu"))
+    assert out["text_tokens"] == lab["text"].shape[-1] < module.model.context_length
 
 
 @pytest.mark.parametrize("method", ["clip", "negclip", "structureclip", "smartclip", "msgclip"])
