@@ -69,7 +69,7 @@ def _memory(row: dict[str, Any]) -> str:
 def markdown(info: dict[str, Any]) -> str:
     """perf.md: what was measured where, the table, the goals, and the notes a reader needs."""
     spec, m = info["spec"], info["machine"]
-    where = m["gpu"] or f"CPU only ({m['cpu_count']} cores)"
+    where = m["gpu"] or f"CPU only ({m['cpu_count']} cores{', ' + m['cpu'] if m.get('cpu') else ''})"
     lines = [f"# Training throughput ({spec['name']}: {where})", ""]
     if spec.get("note"):
         lines += [spec["note"], ""]
@@ -77,17 +77,18 @@ def markdown(info: dict[str, Any]) -> str:
               f"{spec['warmup']} are left out, median over the rest; torch {m['torch']}, lightning {m['lightning']}, "
               f"open_clip {m['open_clip']}.", "",
               "| row | samples/s | step (ms) | x open_clip trainer | x bare step | step x clip | peak memory "
-              "| syncs/step | precision | caption tokens |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| syncs/step | ops/step | precision | caption tokens |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in info["rows"]:
         if "samples_per_sec" not in r:
             why = f"not run: {r['not_run']}" if "not_run" in r else f"failed: {r['error']}"
-            lines.append(f"| {r['name']} | {why} | | | | | | | | |")
+            lines.append(f"| {r['name']} | {why} | | | | | | | | | |")
             continue
         syncs = r.get("syncs_per_step")
         lines.append(f"| {r['name']} | {r['samples_per_sec']:.0f} | {1000 * r['step_time_s']:.1f} | "
                      f"{_x(r.get('vs_openclip'))} | {_x(r.get('vs_bare'))} | {_x(r.get('step_vs_clip'))} | "
-                     f"{_memory(r)} | {'' if syncs is None else f'{syncs:.2f}'} | {r.get('precision', '')} | "
+                     f"{_memory(r)} | {'' if syncs is None else f'{syncs:.2f}'} | {r.get('ops_per_step') or ''} | "
+                     f"{r.get('precision', '')} | "
                      f"{r.get('text_tokens') or ''} |")
     if info.get("goals"):
         lines += ["", "Goals (figures, not tests):", ""]
@@ -106,6 +107,9 @@ def markdown(info: dict[str, Any]) -> str:
               "- Lab and bare rows are timed on the device's clock on a GPU (CUDA events), open_clip's trainer between "
               "its log lines (it syncs there); both log every "
               f"{spec['log_every']} steps. `syncs/step`: host-device syncs per measured step (GPU only).",
+              "- `ops/step` (eager rows): the operators one warm-up step dispatches below autograd, views left out; "
+              "on a GPU each launches one kernel or more, so where a step is bound by launches the lab's count over "
+              "the bare step's is its overhead in launches (the Python around them is not counted).",
               "- Memory: the peak of each row's own process, GPU memory allocated by tensors (RSS: host memory, "
               "on a CPU)."]
     if stand_ins:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 
 from configs.files import write_atomic
@@ -105,6 +106,44 @@ def resident_batch(dm: Any, batch_size: int, device: torch.device) -> dict[str, 
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+class OpCount(TorchDispatchMode):
+    """Counts the operators one step dispatches below autograd (the forward, the backward and the optimizer's):
+    on a GPU each is a kernel launch or more, so in an eager step that is bound by launches, as ViT-B/32's is, the
+    count is the step's cost in launches. Views and other metadata-only ops launch nothing and are left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not func.is_view and func.overloadpacket.__name__ not in _NO_KERNEL:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+# composite or metadata-only where func.is_view does not say so, and the profiler's range markers
+_NO_KERNEL = {"detach", "lift_fresh", "_reshape_alias", "reshape", "flatten", "unflatten", "split", "chunk",
+              "split_with_sizes", "unbind", "_record_function_enter_new", "_record_function_exit"}
+
+
+class StepOps(L.Callback):
+    """Counts the ops of one warm-up step (`OpCount`), from its start to the next step's, in an eager run: the
+    last warm-up step that does not log, so neither the timing nor the count sees the logging."""
+
+    def __init__(self, warmup: int, log_every: int) -> None:
+        self.at = warmup - 1 if warmup % log_every else warmup - 2
+        self.mode: OpCount | None = None
+        self.ops: Counter[str] | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.ops, self.mode = self.mode.ops, None
+        if trainer.global_step == self.at and self.ops is None:
+            self.mode = OpCount()
+            self.mode.__enter__()
+
+
 class _Replay(Dataset):
     """The same batch `n` times (a DataLoader with batch_size=None hands it over as it is)."""
 
@@ -151,15 +190,22 @@ def lab_row(row: dict[str, Any]) -> dict[str, Any]:
         device = device_of(cfg)
         data = ResidentBatches(dm, cfg.data.batch_size, row["steps"], device) if row["inputs"] == "resident" else dm
         throughput, syncs = Throughput(None, warmup=row["warmup"]), SyncCount(row["warmup"])
-        trainer = make_trainer(cfg, Path(tmp), [throughput, syncs], logger=False, enable_checkpointing=False,
-                               enable_model_summary=False)
+        ops = StepOps(row["warmup"], cfg.trainer.log_every_n_steps) if not row.get("compile") else None
+        trainer = make_trainer(cfg, Path(tmp), [throughput, syncs] + ([ops] if ops else []), logger=False,
+                               enable_checkpointing=False, enable_model_summary=False)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         trainer.fit(module, datamodule=data)
         out = summarise(throughput.step_times, throughput.samples) | peak_memory(device)
         tokens = data.batch["text"].shape[-1] if isinstance(data, ResidentBatches) else None
         return out | {"clock": throughput.summary()["clock"], "syncs_per_step": syncs.per_step,
-                      "sync_sites": syncs.sites, "precision": str(trainer.precision), "text_tokens": tokens}
+                      "sync_sites": syncs.sites, "precision": str(trainer.precision), "text_tokens": tokens,
+                      **op_fields(ops.ops if ops else None)}
+
+
+def op_fields(ops: Counter[str] | None) -> dict[str, Any]:
+    """`ops_per_step` (None when not counted: compiled rows) and the per-operator counts behind it."""
+    return {"ops_per_step": None if ops is None else sum(ops.values()), "ops": dict(ops.most_common()) if ops else None}
 
 
 def bare_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -196,7 +242,12 @@ def bare_row(row: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     marks: list[Any] = []
-    for _ in range(row["steps"]):
+    ops = None
+    for k in range(row["steps"]):
+        counting = not row["compile"] and k == row["warmup"] - 1  # the last warm-up step, as the lab rows count
+        if counting:
+            ops = OpCount()
+            ops.__enter__()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(*forward(model, images, texts))  # (image features, text features, logit scale)
         loss.backward()
@@ -204,11 +255,14 @@ def bare_row(row: dict[str, Any]) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
+        if counting:
+            ops.__exit__(None, None, None)
         marks.append(_mark(device))
     times = _elapsed(marks[row["warmup"]:], device)
     return summarise(times, b) | peak_memory(device) | {"clock": "device" if device.type == "cuda" else "host",
                                                         "precision": "bf16 autocast" if bf16 else "fp32",
-                                                        "text_tokens": texts.shape[-1]}
+                                                        "text_tokens": texts.shape[-1],
+                                                        **op_fields(ops.ops if ops else None)}
 
 
 def _mark(device: torch.device) -> Any:

@@ -85,7 +85,20 @@ def environment() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "lightning": lightning.__version__,
             "open_clip": open_clip.__version__, "python": platform.python_version(), "commit": commit, "gpu": gpu,
-            "gpu_count": torch.cuda.device_count(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+            "gpu_count": torch.cuda.device_count(), "cpu_count": os.cpu_count(), "cpu": cpu_model(),
+            # the vector instructions torch's CPU kernels use: another set sums in another order and rounds differently
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "platform": platform.platform()}
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` says, else None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 @rank_zero_only

@@ -26,6 +26,7 @@ def test_train_then_bench(make_cfg, tmp_path, capsys):
     assert speed["global_batch"] == cfg.data.batch_size
     (env,) = json.loads((run / "environment.json").read_text())  # one start
     assert env["torch"] == torch.__version__ and env["cpu_count"] > 0 and "open_clip" in env and "commit" in env
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and "cpu" in env
 
     # a second run of the same config never reuses the first one's folder
     assert train(cfg) != run

@@ -215,6 +215,25 @@ def test_the_bare_step_runs_on_vanilla_clips_resident_batch(tmp_path):
     assert out["text_tokens"] == lab["text"].shape[-1] < module.model.context_length
 
 
+def test_the_lab_adds_a_fixed_number_of_ops_to_the_bare_step_whatever_the_depth(tmp_path):
+    """What the lab dispatches per step beyond open_clip's model, loss and AdamW (the non-finite guard, the
+    temperature clamp, a second parameter group) is a constant: nothing runs per layer or per parameter, so at
+    ViT-B/32's depth, where eager steps are bound by kernel launches, the overhead stays a few percent."""
+    extra = {}
+    for layers in (2, 4):
+        depth = [f"model.arch.vision_cfg.layers={layers}", f"model.arch.text_cfg.layers={layers}"]
+        spec = load_spec(["perf=cpu", "batch_size=4", "steps=4", "warmup=2", "log_every=8", "num_workers=0",
+                          f"model_args={depth}", "methods=[clip]", "inputs=[resident]"])
+        bare, lab = [r for r in plan(spec) if r["kind"] in ("bare", "lab")]
+        own = [f"cache_dir={tmp_path}"]
+        b = bare_row(bare | {"overrides": bare["overrides"] + own})
+        with_lab = lab_row(lab | {"overrides": lab["overrides"] + own})
+        assert b["ops_per_step"] > 100 and b["ops"]["_fused_adamw_"] == 1  # one multi-tensor kernel call per group
+        assert with_lab["ops"]["_fused_adamw_"] == 2 and with_lab["ops"]["mm"] == b["ops"]["mm"]  # the same model work
+        extra[layers] = with_lab["ops_per_step"] - b["ops_per_step"]
+    assert 0 < extra[2] == extra[4] <= 60, extra  # measured: 37 (the CPU's one read of the guard's count included)
+
+
 @pytest.mark.parametrize("method", ["clip", "negclip", "structureclip", "smartclip", "msgclip"])
 def test_training_steps_read_nothing_back_between_logging_steps(make_cfg, method, monkeypatch, tmp_path):
     """A CPU stand-in for the GPU's sync count (torch.cuda.set_sync_debug_mode needs CUDA): with logging and step
