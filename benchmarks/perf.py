@@ -54,7 +54,7 @@ class PerfSpec:
     trainer: str = "cpu"  # trainer group (its precision is the lab's)
     data: str = "shapes"  # data group of the `data` rows
     data_args: list[str] = field(default_factory=list)  # its options (a train split of at least batch * steps)
-    resident_args: list[str] = field(default_factory=list)  # options of the `resident` rows (one batch is read)
+    resident_args: list[str] = field(default_factory=list)  # options of the `resident` rows (a train split of at least batch_size)
     batch_size: int = 32
     num_workers: int = 1  # DataLoader workers of the lab's data path and of open_clip's trainer
     steps: int = 16

@@ -99,10 +99,16 @@ class SyncCount(L.Callback):
 
 def resident_batch(dm: Any, batch_size: int, device: torch.device) -> dict[str, Any]:
     """The first `batch_size` training items of a DataModule, collated as its loader collates them (caption tokens
-    cut where the method allows it), on `device`."""
+    cut where the method allows it), on `device`. A training split smaller than the batch is refused: repeating its
+    items would make a batch with fewer distinct captions, scenes and neighbours than a real one, which is less
+    work for the methods that encode each distinct text once (MSG-CLIP) and so a step time that is too low."""
     random.seed(0)  # the fields draw negatives with `random`
     ds = dm.dataset("train")
-    batch = dm.collate_fn()([ds[i % len(ds)] for i in range(batch_size)])
+    if len(ds) < batch_size:
+        raise ValueError(f"resident batch: the training split has {len(ds)} items, fewer than the batch of "
+                         f"{batch_size}; give the resident rows a larger split (perf `resident_args`, e.g. "
+                         f"data.options.train_size={batch_size})")
+    batch = dm.collate_fn()([ds[i] for i in range(batch_size)])
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 

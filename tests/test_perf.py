@@ -215,6 +215,17 @@ def test_the_bare_step_runs_on_vanilla_clips_resident_batch(tmp_path):
     assert out["text_tokens"] == lab["text"].shape[-1] < module.model.context_length
 
 
+def test_a_resident_batch_larger_than_the_split_is_refused_not_filled_with_repeats(tmp_path):
+    """Repeated items would give MSG-CLIP fewer distinct texts to encode than a real batch, so a faster step."""
+    from methods.train import build, compose_train
+
+    _, dm = build(compose_train(["method=msgclip", "data.options.train_size=16", f"cache_dir={tmp_path}"]))
+    batch = resident_batch(dm, 16, torch.device("cpu"))
+    assert batch["index"].tolist() == list(range(16))
+    with pytest.raises(ValueError, match="training split has 16 items, fewer than the batch of 32"):
+        resident_batch(dm, 32, torch.device("cpu"))
+
+
 def test_the_lab_adds_a_fixed_number_of_ops_to_the_bare_step_whatever_the_depth(tmp_path):
     """What the lab dispatches per step beyond open_clip's model, loss and AdamW (the non-finite guard, the
     temperature clamp, a second parameter group) is a constant: nothing runs per layer or per parameter, so at
