@@ -33,6 +33,7 @@ def msg(tmp_path_factory):
     from tests_support import TINY_ARGS
 
     cfg = compose_train([f"runs_dir={tmp_path_factory.mktemp('runs')}", *TINY_ARGS, "method=msgclip"])
+    torch.manual_seed(0)  # the same weights whichever tests ran before
     module, dm = build(cfg)
     random.seed(0)
     ds = dm.dataset("train")
@@ -49,7 +50,9 @@ def test_token_outputs_equal_open_clips_features(msg):
         full, states = encode_text_tokens(model, batch["text"])
         trimmed, short = encode_text_tokens(model, trim_caption_tokens({"text": batch["text"]}, 1)["text"])
         torch.testing.assert_close(full, model.encode_text(batch["text"]))
-        torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-6)  # causal: the padding changes nothing
+        # causal: the padding changes nothing but float rounding (shorter matmuls sum in another order: up to 1.5e-6
+        # seen, on features of 0.9 on average, one of them near 0.02), whatever weights earlier tests left
+        torch.testing.assert_close(trimmed, full, rtol=1e-4, atol=1e-5)
         assert states.shape[1] == batch["text"].shape[1] > short.shape[1]
     model.train()
 
