@@ -81,7 +81,8 @@ def caption_margin_loss(image_features: Tensor, text_features: Tensor, negative_
 def masked_infonce_sum(logits: Tensor, target: Tensor, exclude: Tensor, weight: Tensor) -> Tensor:
     """Sum over rows of weight * CE(logits, target), with the `exclude`d columns (other true matches, padding)
     out of the softmax; a row's target column is never excluded."""
-    keep_target = F.one_hot(target, logits.shape[1]).bool()  # (R, C)
+    # (R, C), each row's target column (F.one_hot would read the targets' min and max back to check them on a CPU)
+    keep_target = target[:, None] == torch.arange(logits.shape[1], device=logits.device)
     logits = logits.masked_fill(exclude & ~keep_target, float("-inf"))  # (R, C)
     return (F.cross_entropy(logits, target, reduction="none") * weight).sum()
 

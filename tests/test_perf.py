@@ -256,6 +256,7 @@ def test_training_steps_read_nothing_back_between_logging_steps(make_cfg, method
     import traceback
 
     import lightning as L
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     from methods.train import build, make_trainer
 
@@ -293,12 +294,40 @@ def test_training_steps_read_nothing_back_between_logging_steps(make_cfg, method
 
     monkeypatch.setattr(L.LightningModule, "_LightningModule__to_tensor", log_number)
 
+    class DispatchedReads(TorchDispatchMode):
+        """The same below Python, where C++ code reads values too: every op that copies a value to the host
+        (`_local_scalar_dense`: `.item()`, `bool()`, and ops that check their inputs' values) or sizes its output
+        by the values (`nonzero`, `unique`, `masked_select`, `repeat_interleave` without `output_size`, indexing
+        with a boolean mask)."""
+
+        SIZED = {"nonzero", "_unique", "_unique2", "unique_dim", "unique_consecutive", "masked_select"}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.overloadpacket.__name__
+            masked = name in ("index", "index_put", "index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or [])
+            unsized = func == torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None
+            if name == "_local_scalar_dense" or name in self.SIZED or masked or unsized:
+                stack = traceback.extract_stack()
+                if not any(f.filename.endswith(("methods/guard.py", "datamodules/sampling.py")) for f in stack):
+                    reads.append(f"aten.{name} at {where()}")
+            return func(*args, **kwargs)
+
     class Window(L.Callback):  # from the third step's start to the last step's end
+        def __init__(self):
+            self.mode = None
+
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             training["on"] = trainer.global_step >= 2
+            if training["on"] and self.mode is None:
+                self.mode = DispatchedReads()
+                self.mode.__enter__()
 
         def on_train_end(self, trainer, module):
             training["on"] = False
+            if self.mode is not None:
+                self.mode.__exit__(None, None, None)
 
     cfg = make_cfg(f"method={method}", "data.options.train_size=512", "data.batch_size=32", "trainer.max_steps=6",
                    "trainer.max_epochs=10", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1000",
