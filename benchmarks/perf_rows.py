@@ -127,9 +127,11 @@ class OpCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# composite or metadata-only where func.is_view does not say so, and the profiler's range markers
+# composite or metadata-only where func.is_view does not say so, allocations (the DataLoader rebuilds each batch
+# tensor from shared memory with `empty` and `set_`), and the profiler's range markers
 _NO_KERNEL = {"detach", "lift_fresh", "_reshape_alias", "reshape", "flatten", "unflatten", "split", "chunk",
-              "split_with_sizes", "unbind", "_record_function_enter_new", "_record_function_exit"}
+              "split_with_sizes", "unbind", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+              "set_", "_record_function_enter_new", "_record_function_exit"}
 
 
 class StepOps(L.Callback):
