@@ -83,7 +83,9 @@ class MSGCLIP(ContrastiveMethod):
         # each distinct text once: the table of captions, entities, triples and hard triples made with the batch
         # (datamodules.fields.graph_text_table), so nothing here waits for the device
         unique = encode_text_tokens(self.model, batch["graph_unique"])[0]  # (U, D)
-        feats = F.normalize(unique, dim=-1)[batch["graph_inverse"]]  # (B + BE + BT + 2BT, D)
+        # index_select, not indexing: the backward of `x[inverse]` adds the repeated rows with atomics in parallel on a
+        # CPU, in an order that changes from run to run; index_add sums them in index order
+        feats = F.normalize(unique, dim=-1).index_select(0, batch["graph_inverse"])  # (B + BE + BT + 2BT, D)
         text, ent, tri, hard = feats.split([batch[k][..., 0].numel() for k in GRAPH_TEXT_ROWS])  # the table's order
         pooled, patches = encode_image_tokens(self.model.visual, batch["image"])  # (B, D), (B, P, D)
         return {"image_features": F.normalize(pooled, dim=-1), "text_features": text, "patches": patches,
@@ -123,7 +125,7 @@ class MSGCLIP(ContrastiveMethod):
             owner = torch.arange(b * e, device=ent.device) // e  # (BE,) this rank's image of each entity
             all_patches = self.gather(patches)  # (W*B, P, D)
             t2i = text_pooled_scores(ent, all_patches, self.mcfg.pool_temperature)  # (BE, W*B)
-            i2t = text_pooled_scores(all_ent, patches, self.mcfg.pool_temperature)[:, owner].T  # (W*BE, B) -> (BE, W*BE)
+            i2t = text_pooled_scores(all_ent, patches, self.mcfg.pool_temperature).index_select(1, owner).T  # (BE, W*BE)
             all_owner = torch.arange(len(all_ent), device=ent.device) // e  # (W*BE,)
             loss = loss + pooled_entity_alignment_loss(
                 t2i, i2t, owner + rank * b, all_owner, key, all_key, all_key.view(-1, e), valid - boxed,

@@ -26,6 +26,36 @@ def batch_of(make_cfg, method: str, *argv: str, n: int = 8):
 
 
 @pytest.mark.parametrize("method", METHODS.names())
+def test_no_step_adds_gradients_with_a_racing_kernel(make_cfg, method, tmp_path):
+    """A seed gives one run: no step (forward and backward) adds floats onto repeated places with
+    `index_put(accumulate=True)`, the backward of indexing a tensor with a tensor. On a CPU with more than one
+    thread its kernel adds with atomics in parallel, so where an index repeats, the sum's order (and its rounding)
+    changes from run to run: MSG-CLIP's runs at one seed differed from the third step on until its text rows were
+    gathered with index_select, whose backward adds in index order. An index that never repeats is harmless
+    (open_clip pools each caption at one position so)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    module, batch = batch_of(make_cfg, method, f"cache_dir={tmp_path}", n=16)
+    racing: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if "index_put" in func.overloadpacket.__name__:
+                accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+                if accumulate and args[0].is_floating_point():
+                    index = torch.stack(torch.broadcast_tensors(*[i for i in args[1] if i is not None])).flatten(1)
+                    if index.unique(dim=1).shape[1] < index.shape[1]:  # some place gets two or more additions
+                        racing.append(f"{func} onto {tuple(args[0].shape)}")
+            return func(*args, **kwargs)
+
+    with Watch():
+        loss, _ = module.training_loss(batch)
+        loss.backward()
+    assert not racing, racing
+
+
+@pytest.mark.parametrize("method", METHODS.names())
 def test_one_finite_step_moves_every_trainable_parameter(make_cfg, method, tmp_path):
     module, batch = batch_of(make_cfg, method, f"cache_dir={tmp_path}")
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
