@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 
+import open_clip
 import torch
 
 from benchmarks.run import main as bench_main
@@ -37,7 +38,10 @@ def test_train_then_bench(make_cfg, tmp_path, capsys):
     assert all(name in printed for name in SYN) and "| clip |" in printed
     (folder,) = out.iterdir()
     assert {"results.md", "results.csv", "syn_choice.png", "syn_retrieval.png"} <= {p.name for p in folder.iterdir()}
-    assert f"trained with torch {torch.__version__}, open_clip " in (folder / "results.md").read_text()
+    cpu = f"CPU ({torch.backends.cpu.get_cpu_capability()})"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
+    assert f"trained with torch {torch.__version__}, open_clip {open_clip.__version__}, on {device}" in (
+        folder / "results.md").read_text()
     with open(folder / "results.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert 0.0 <= float(row["syn_relation"]) <= 1.0
