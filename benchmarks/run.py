@@ -84,8 +84,8 @@ def bench_run(run: Path, cfg: DictConfig, device: torch.device, details_dir: Pat
 def trained_with(run: Path) -> list[str]:
     """'trained with torch X, open_clip Y, on D' for each distinct such triple in the run's environment.json (none
     if the run predates it or the file is unreadable: the benchmark does not depend on it). D is the GPU, or the
-    CPU with the vector instructions torch's kernels used (AVX2 and AVX512 sum in different orders, and a run's
-    figures move with that as with another torch build); runs that predate the field give no D."""
+    CPU model with the vector instructions torch's kernels used: kernels for another CPU sum in other orders, and a
+    run's figures move with that as with another torch build; runs that predate the field give no D."""
     try:
         starts = json.loads((run / "environment.json").read_text())
         on_cpu = saved_config(run).trainer.accelerator == "cpu"
@@ -98,7 +98,8 @@ def trained_with(run: Path) -> list[str]:
 def trained_on(start: dict, on_cpu: bool) -> str:
     if start.get("gpu") and not on_cpu:
         return f", on {start['gpu']}"
-    return f", on CPU ({start['cpu_capability']})" if start.get("cpu_capability") else ""
+    what = ", ".join(start[k] for k in ("cpu", "cpu_capability") if start.get(k))
+    return f", on CPU ({what})" if start.get("cpu_capability") else ""
 
 
 def bare_model(cfg: DictConfig, device: torch.device):

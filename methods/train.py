@@ -90,12 +90,22 @@ def environment() -> dict[str, Any]:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "platform": platform.platform()}
 
 
-def cpu_model() -> str | None:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` says, else None."""
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The CPU's model name with its vendor, family and model numbers (Linux: /proc/cpuinfo; a hypervisor may show
+    only a generic name, and two CPUs of one name and vector ISA can still round differently), else what
+    `platform` says, else None."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        fields: dict[str, str] = {}
+        for line in cpuinfo.read_text().splitlines():
+            if not line.strip():
+                break  # the first processor's block
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            ids = " ".join(f"{label} {fields[k]}" for k, label in (("cpu family", "family"), ("model", "model"))
+                           if k in fields)
+            vendor = " ".join(x for x in (fields.get("vendor_id", ""), ids) if x)
+            return f"{fields['model name']} ({vendor})" if vendor else fields["model name"]
     except OSError:
         pass
     return platform.processor() or None

@@ -8,7 +8,7 @@ import open_clip
 import torch
 
 from benchmarks.run import main as bench_main
-from methods.train import train
+from methods.train import cpu_model, train
 
 SYN = ("syn_relation", "syn_attribution", "syn_order", "syn_retrieval/i2t_R@1")
 
@@ -27,7 +27,7 @@ def test_train_then_bench(make_cfg, tmp_path, capsys):
     assert speed["global_batch"] == cfg.data.batch_size
     (env,) = json.loads((run / "environment.json").read_text())  # one start
     assert env["torch"] == torch.__version__ and env["cpu_count"] > 0 and "open_clip" in env and "commit" in env
-    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and "cpu" in env
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"] == cpu_model()
 
     # a second run of the same config never reuses the first one's folder
     assert train(cfg) != run
@@ -38,7 +38,7 @@ def test_train_then_bench(make_cfg, tmp_path, capsys):
     assert all(name in printed for name in SYN) and "| clip |" in printed
     (folder,) = out.iterdir()
     assert {"results.md", "results.csv", "syn_choice.png", "syn_retrieval.png"} <= {p.name for p in folder.iterdir()}
-    cpu = f"CPU ({torch.backends.cpu.get_cpu_capability()})"
+    cpu = f"CPU ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()})"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
     assert f"trained with torch {torch.__version__}, open_clip {open_clip.__version__}, on {device}" in (
         folder / "results.md").read_text()

@@ -119,3 +119,21 @@ def test_a_damaged_environment_record_is_kept_aside_and_started_again(tmp_path, 
     train_mod.record_environment(tmp_path)
     assert (tmp_path / "environment.damaged-1.json").read_text() == '[{"torch": "2.'
     assert (tmp_path / "environment.damaged-2.json").read_text() == '{"torch": "2.14"}'
+
+
+def test_the_cpu_is_named_by_model_vendor_and_numbers_and_reports_say_so(tmp_path, monkeypatch):
+    from benchmarks.run import trained_on
+
+    info = tmp_path / "cpuinfo"
+    block = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {}\nmodel name\t: AMD EPYC\n"
+    info.write_text(block.format(0, 17) + "\n" + block.format(1, 99))  # the first processor's block is read
+    assert train_mod.cpu_model(info) == "AMD EPYC (AuthenticAMD family 25 model 17)"
+    info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU part\t: 0xd0c\n")  # aarch64 has no model name
+    monkeypatch.setattr(train_mod.platform, "processor", lambda: "aarch64")
+    assert train_mod.cpu_model(info) == "aarch64" and train_mod.cpu_model(tmp_path / "missing") == "aarch64"
+
+    start = {"gpu": "NVIDIA H200", "cpu": "AMD EPYC (AuthenticAMD family 25 model 17)", "cpu_capability": "AVX2"}
+    assert trained_on(start, on_cpu=False) == ", on NVIDIA H200"
+    assert trained_on(start, on_cpu=True) == ", on CPU (AMD EPYC (AuthenticAMD family 25 model 17), AVX2)"
+    assert trained_on({"cpu_capability": "AVX512"}, on_cpu=True) == ", on CPU (AVX512)"
+    assert trained_on({"cpu": "AMD EPYC"}, on_cpu=True) == ""  # a start from before the field says nothing
