@@ -102,10 +102,10 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
             key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
         if "model name" in fields:
-            ids = " ".join(f"{label} {fields[k]}" for k, label in (("cpu family", "family"), ("model", "model"))
-                           if k in fields)
-            vendor = " ".join(x for x in (fields.get("vendor_id", ""), ids) if x)
-            return f"{fields['model name']} ({vendor})" if vendor else fields["model name"]
+            ids = [fields.get("vendor_id", "")] + [f"{label} {fields[k]}" for k, label in
+                                                   (("cpu family", "family"), ("model", "model")) if k in fields]
+            detail = " ".join(x for x in ids if x)
+            return f"{fields['model name']} ({detail})" if detail else fields["model name"]
     except OSError:
         pass
     return platform.processor() or None
