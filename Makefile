@@ -1,7 +1,12 @@
 # clipcomp: `make train` runs the main job on the embedded default (the shapes world), `make test` the tests.
 # The first target that needs Python creates .venv and installs the project; nothing else is needed.
 VENV    ?= .venv
-PY      := $(VENV)/bin/python
+# CPU_KERNELS=portable: the kernels of configs/portable_cpu.env, whose figures do not depend on the kind of CPU
+CPU_KERNELS ?= native
+ifeq ($(filter native portable,$(CPU_KERNELS)),)
+$(error CPU_KERNELS must be native or portable, not '$(CPU_KERNELS)')
+endif
+PY      := $(if $(filter portable,$(CPU_KERNELS)),env $(shell grep -E '^[A-Z_]+=' configs/portable_cpu.env) )$(VENV)/bin/python
 METHOD  ?= clip
 BENCH   ?= syn
 ARGS    ?=
@@ -21,7 +26,7 @@ PERF    ?=
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: METHOD=$(METHOD) BENCH=$(BENCH) RUNS='run folders' DATA_ROOT=path ARGS='key=value ...'"
+	@echo "  variables: METHOD=$(METHOD) BENCH=$(BENCH) RUNS='run folders' DATA_ROOT=path ARGS='key=value ...' CPU_KERNELS=native|portable"
 
 $(VENV)/.ok: pyproject.toml
 	python3 -m venv $(VENV)

@@ -24,7 +24,7 @@ from benchmarks.base import BENCHMARKS, BenchContext
 from benchmarks.report import format_table, write_report
 from methods import METHODS
 from methods.checkpoints import read_checkpoint
-from methods.train import saved_config
+from methods.train import cpu_kernels, saved_config
 
 # `model=<name>` in the bench job selects configs/model/<name>.yaml, typed like a training run's model
 SCHEMAS = {"model": lambda name, node: OmegaConf.structured(ModelConfig)}
@@ -98,8 +98,14 @@ def trained_with(run: Path) -> list[str]:
 def trained_on(start: dict, on_cpu: bool) -> str:
     if start.get("gpu") and not on_cpu:
         return f", on {start['gpu']}"
-    what = ", ".join(start[k] for k in ("cpu", "cpu_capability") if start.get(k))
+    kernels = start.get("cpu_kernels")
+    what = ", ".join([start[k] for k in ("cpu", "cpu_capability") if start.get(k)]
+                     + ([kernels_label(kernels)] if kernels and kernels != "native" else []))
     return f", on CPU ({what})" if start.get("cpu_capability") else ""
+
+
+def kernels_label(kernels: str) -> str:
+    return "portable kernels" if kernels == "portable" else kernels
 
 
 def bare_model(cfg: DictConfig, device: torch.device):
@@ -161,6 +167,9 @@ def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, list[str]], list[st
             rows += r
             merge_families(families, f)
             notes += [x for x in n if x not in notes]
+        kernels = cpu_kernels()
+        if device_for(cfg.device).type == "cpu" and kernels != "native":
+            notes.append(f"evaluated on CPU with {kernels_label(kernels)}")
     except BaseException:
         if not any(out.iterdir()):
             out.rmdir()

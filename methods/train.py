@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning as L
 import torch
@@ -87,7 +87,34 @@ def environment() -> dict[str, Any]:
             "open_clip": open_clip.__version__, "python": platform.python_version(), "commit": commit, "gpu": gpu,
             "gpu_count": torch.cuda.device_count(), "cpu_count": os.cpu_count(), "cpu": cpu_model(),
             # the vector instructions torch's CPU kernels use: another set sums in another order and rounds differently
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "platform": platform.platform()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_kernels": cpu_kernels(),
+            "platform": platform.platform()}
+
+
+PORTABLE_CPU_ENV = Path(__file__).resolve().parents[1] / "configs" / "portable_cpu.env"
+
+
+def portable_cpu_env(path: Path = PORTABLE_CPU_ENV) -> dict[str, str]:
+    """The environment variables of configs/portable_cpu.env (KEY=VALUE lines; `#` starts a comment line)."""
+    pairs = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, eq, value = line.partition("=")
+            if not eq or not key.strip() or not value.strip():
+                raise ValueError(f"{path}:{n}: not KEY=VALUE: {line!r}")
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def cpu_kernels(env: Mapping[str, str] = os.environ, portable: Mapping[str, str] | None = None) -> str:
+    """'portable' when every variable of configs/portable_cpu.env is set to its value (case aside), 'native' when
+    none of them is set, else the ones that are set ('ATEN_CPU_CAPABILITY=avx2 ...'): figures from a 'portable'
+    run are the same on any kind of x86-64 CPU (at one thread count and one set of library versions)."""
+    portable = portable_cpu_env() if portable is None else portable
+    if all(env.get(k, "").lower() == v.lower() for k, v in portable.items()):
+        return "portable"
+    given = [f"{k}={env[k]}" for k in portable if k in env]
+    return " ".join(given) if given else "native"
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:

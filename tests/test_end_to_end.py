@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import open_clip
 import torch
 
 from benchmarks.run import main as bench_main
-from methods.train import cpu_model, train
+from methods.train import cpu_model, portable_cpu_env, train
+from tests_support import TINY_ARGS
 
+ROOT = Path(__file__).resolve().parents[1]
 SYN = ("syn_relation", "syn_attribution", "syn_order", "syn_retrieval/i2t_R@1")
 
 
@@ -85,3 +91,17 @@ def test_last_checkpoint_is_the_final_epoch_even_after_the_best(make_cfg, monkey
                   for n in ("last", "best"))
     assert (last["epoch"], last["global_step"]) == (2, 6) and (best["epoch"], best["global_step"]) == (0, 2)
     assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]  # no last-v1
+
+
+def test_a_run_with_the_portable_cpu_kernels_records_them_and_its_report_says_so(tmp_path):
+    env = os.environ | portable_cpu_env()
+    run, out = tmp_path / "run", tmp_path / "results"
+    for cmd in (["methods.train", *TINY_ARGS, "trainer.limit_train_batches=2", f"run_dir={run}"],
+                ["benchmarks.run", f"runs=[{run}]", f"out_dir={out}", "bench.benchmarks=[syn_relation]", "device=cpu"]):
+        subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, env=env, capture_output=True, timeout=300, check=True)
+    (start,) = json.loads((run / "environment.json").read_text())
+    assert start["cpu_kernels"] == "portable" and start["cpu_capability"] == "DEFAULT"  # torch's plain kernels
+    (folder,) = out.iterdir()
+    report = (folder / "results.md").read_text()
+    assert f"on CPU ({cpu_model()}, DEFAULT, portable kernels)" in report
+    assert "evaluated on CPU with portable kernels" in report

@@ -4,6 +4,8 @@ a damaged result.json or config.yaml is named instead of crashing deep inside a 
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from datamodules.images import BadInput
 from methods import train as train_mod
 from test_negclip_tsv import write_fixture
 from tests_support import FullDisk
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_full_disk_never_leaves_half_a_file(tmp_path, monkeypatch):
@@ -137,3 +141,34 @@ def test_the_cpu_is_named_by_model_vendor_and_numbers_and_reports_say_so(tmp_pat
     assert trained_on(start, on_cpu=True) == ", on CPU (AMD EPYC (AuthenticAMD family 25 model 17), AVX2)"
     assert trained_on({"cpu_capability": "AVX512"}, on_cpu=True) == ", on CPU (AVX512)"
     assert trained_on({"cpu": "AMD EPYC"}, on_cpu=True) == ""  # a start from before the field says nothing
+
+
+def test_portable_cpu_kernels_are_read_from_their_file_named_in_reports_and_set_by_make(tmp_path):
+    from benchmarks.run import trained_on
+
+    env_file = tmp_path / "portable.env"
+    env_file.write_text("# comment\n\nA_ISA=default\n  # indented comment\nB_CBWR = COMPATIBLE\n")
+    portable = train_mod.portable_cpu_env(env_file)
+    assert portable == {"A_ISA": "default", "B_CBWR": "COMPATIBLE"}
+    assert train_mod.cpu_kernels({"A_ISA": "DEFAULT", "B_CBWR": "compatible", "OTHER": "1"}, portable) == "portable"
+    assert train_mod.cpu_kernels({"OTHER": "1"}, portable) == "native"
+    assert train_mod.cpu_kernels({"A_ISA": "avx2", "B_CBWR": "COMPATIBLE"}, portable) == "A_ISA=avx2 B_CBWR=COMPATIBLE"
+    env_file.write_text("A_ISA=default\nB_CBWR\n")
+    with pytest.raises(ValueError, match=r"portable.env:2: not KEY=VALUE: 'B_CBWR'"):
+        train_mod.portable_cpu_env(env_file)
+
+    start = {"cpu": "AMD EPYC", "cpu_capability": "DEFAULT", "cpu_kernels": "portable"}
+    assert trained_on(start, on_cpu=True) == ", on CPU (AMD EPYC, DEFAULT, portable kernels)"
+    assert trained_on(start | {"cpu_kernels": "native"}, on_cpu=True) == ", on CPU (AMD EPYC, DEFAULT)"
+
+    # make's CPU_KERNELS=portable puts the file's variables in front of every Python command; a wrong value stops it
+    venv = f"VENV={Path(sys.executable).parents[1]}"
+    shown = subprocess.run(["make", "-s", "-n", "train", "CPU_KERNELS=portable", venv], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60, check=True).stdout
+    pairs = " ".join(f"{k}={v}" for k, v in train_mod.portable_cpu_env().items())
+    assert shown.startswith(f"env {pairs} ") and "-m methods.train" in shown
+    assert not subprocess.run(["make", "-s", "-n", "train", venv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60, check=True).stdout.startswith("env ")
+    bad = subprocess.run(["make", "-s", "-n", "train", "CPU_KERNELS=fast", venv], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode != 0 and "CPU_KERNELS must be native or portable, not 'fast'" in bad.stderr
