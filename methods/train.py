@@ -91,7 +91,7 @@ def environment() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
-PORTABLE_CPU_ENV = Path(__file__).resolve().parents[1] / "configs" / "portable_cpu.env"
+PORTABLE_CPU_ENV = configs.CONFIG_DIR / "portable_cpu.env"
 
 
 def portable_cpu_env(path: Path = PORTABLE_CPU_ENV) -> dict[str, str]:
