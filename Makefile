@@ -6,7 +6,7 @@ CPU_KERNELS ?= native
 ifeq ($(filter native portable,$(CPU_KERNELS)),)
 $(error CPU_KERNELS must be native or portable, not '$(CPU_KERNELS)')
 endif
-PY      := $(if $(filter portable,$(CPU_KERNELS)),env $(shell grep -E '^[A-Z_]+=' configs/portable_cpu.env) )$(VENV)/bin/python
+PY      := $(if $(filter portable,$(CPU_KERNELS)),env $(shell grep -E '^[A-Z_][A-Z0-9_]*=' configs/portable_cpu.env) )$(VENV)/bin/python
 METHOD  ?= clip
 BENCH   ?= syn
 ARGS    ?=

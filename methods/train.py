@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -95,21 +96,23 @@ PORTABLE_CPU_ENV = configs.CONFIG_DIR / "portable_cpu.env"
 
 
 def portable_cpu_env(path: Path = PORTABLE_CPU_ENV) -> dict[str, str]:
-    """The environment variables of configs/portable_cpu.env (KEY=VALUE lines; `#` starts a comment line)."""
+    """The environment variables of configs/portable_cpu.env: KEY=VALUE lines with no spaces (the Makefile reads
+    the same lines with grep), blank lines and `#` comment lines."""
     pairs = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, eq, value = line.partition("=")
-            if not eq or not key.strip() or not value.strip():
-                raise ValueError(f"{path}:{n}: not KEY=VALUE: {line!r}")
-            pairs[key.strip()] = value.strip()
+        if line.strip() and not line.startswith("#"):
+            if not re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S+", line):
+                raise ValueError(f"{path}:{n}: not KEY=VALUE (capitals, no spaces): {line!r}")
+            key, _, value = line.partition("=")
+            pairs[key] = value
     return pairs
 
 
 def cpu_kernels(env: Mapping[str, str] = os.environ, portable: Mapping[str, str] | None = None) -> str:
     """'portable' when every variable of configs/portable_cpu.env is set to its value (case aside), 'native' when
-    none of them is set, else the ones that are set ('ATEN_CPU_CAPABILITY=avx2 ...'): figures from a 'portable'
-    run are the same on any kind of x86-64 CPU (at one thread count and one set of library versions)."""
+    none of them is set, else the ones that are set ('ATEN_CPU_CAPABILITY=avx2 ...'). A 'portable' run's weights
+    should not depend on the kind of x86-64 CPU (at one thread count and one set of library versions; checked on
+    two kinds, docs/findings.md)."""
     portable = portable_cpu_env() if portable is None else portable
     if all(env.get(k, "").lower() == v.lower() for k, v in portable.items()):
         return "portable"
