@@ -98,13 +98,15 @@ def trained_with(run: Path) -> list[str]:
 def trained_on(start: dict, on_cpu: bool) -> str:
     if start.get("gpu") and not on_cpu:
         return f", on {start['gpu']}"
-    kernels = start.get("cpu_kernels")
-    what = ", ".join([start[k] for k in ("cpu", "cpu_capability") if start.get(k)]
-                     + ([kernels_label(kernels)] if kernels and kernels != "native" else []))
+    kernels = kernels_label(start.get("cpu_kernels"))
+    what = ", ".join([start[k] for k in ("cpu", "cpu_capability") if start.get(k)] + ([kernels] if kernels else []))
     return f", on CPU ({what})" if start.get("cpu_capability") else ""
 
 
-def kernels_label(kernels: str) -> str:
+def kernels_label(kernels: str | None) -> str | None:
+    """How a report names a `cpu_kernels` value; None for the native kernels (or a start that predates the field)."""
+    if kernels in (None, "native"):
+        return None
     return "portable kernels" if kernels == "portable" else kernels
 
 
@@ -167,9 +169,9 @@ def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, list[str]], list[st
             rows += r
             merge_families(families, f)
             notes += [x for x in n if x not in notes]
-        kernels = cpu_kernels()
-        if device_for(cfg.device).type == "cpu" and kernels != "native":
-            notes.append(f"evaluated on CPU with {kernels_label(kernels)}")
+        kernels = kernels_label(cpu_kernels())
+        if kernels and device_for(cfg.device).type == "cpu":
+            notes.append(f"evaluated on CPU with {kernels}")
     except BaseException:
         if not any(out.iterdir()):
             out.rmdir()
