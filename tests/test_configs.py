@@ -11,7 +11,7 @@ import configs
 from methods import METHODS
 from methods.train import compose_train, main
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests_support import ROOT
 
 
 @pytest.mark.parametrize("group", ["method", "model", "data", "trainer", "optim"])

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import open_clip
 import torch
@@ -15,7 +14,7 @@ from benchmarks.run import main as bench_main
 from methods.train import cpu_model, portable_cpu_env, train
 from tests_support import TINY_ARGS
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests_support import ROOT
 SYN = ("syn_relation", "syn_attribution", "syn_order", "syn_retrieval/i2t_R@1")
 
 

@@ -17,7 +17,7 @@ from methods import train as train_mod
 from methods.checkpoints import read_checkpoint
 from tests_support import FullDisk
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests_support import ROOT
 
 
 class Inject(L.Callback):

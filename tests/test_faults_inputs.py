@@ -19,7 +19,7 @@ from methods import train as train_mod
 from test_negclip_tsv import write_fixture
 from tests_support import FullDisk
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests_support import ROOT
 
 
 def test_a_full_disk_never_leaves_half_a_file(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from configs import ConfigError
 from methods import METHODS
 from methods.guard import LaggedRead, NonFiniteSteps
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests_support import ROOT
 
 
 def _model_and_optimizer(fused: bool):
@@ -262,7 +262,7 @@ def test_training_steps_read_nothing_back_between_logging_steps(make_cfg, method
 
     reads: list[str] = []
     training = {"on": False}
-    here = str(Path(__file__).resolve().parents[1])
+    here = str(ROOT)
 
     def where() -> str:
         frames = [f for f in traceback.extract_stack()[:-2] if "site-packages" not in f.filename or "lightning" in f.filename]

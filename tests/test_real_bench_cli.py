@@ -14,7 +14,7 @@ from benchmarks.run import main as bench_main
 from fixtures.make_benchmark_data import RELATIONS, corrupt, make
 
 ARO = ("vg_relation", "vg_attribution", "coco_order", "flickr30k_order")
-REPO = Path(__file__).resolve().parents[1]
+from tests_support import ROOT as REPO
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ import csv
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from benchmarks.report import format_table, write_report
+from tests_support import ROOT
 
 ROWS = [
     {"method": "clip", "run": "runs/clip/a", "seed": 0, "syn_relation": 0.5, "syn_attribution": 0.96,
@@ -78,7 +78,7 @@ def test_the_module_does_not_import_matplotlib():
             "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
             "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=ROOT)
     assert out.stdout.strip() == "False"
 
 

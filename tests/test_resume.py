@@ -19,7 +19,7 @@ from methods.checkpoints import read_checkpoint
 from methods.train import main as train_main
 from tests_support import TINY_ARGS
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests_support import ROOT
 PER_EPOCH = 10  # steps an epoch: 80 samples, batches of 8
 ARGS = TINY_ARGS + ["trainer.max_epochs=2", "trainer.limit_train_batches=1.0", "trainer.checkpoint_every_n_steps=3",
                     f"data.options.train_size={8 * PER_EPOCH}", "trainer.enable_progress_bar=false"]

@@ -6,7 +6,6 @@ file's own tables, so a mistake in the source's tables (PREDICATES, TEMPLATES) s
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pytest

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import yaml
 
@@ -14,7 +13,7 @@ from benchmarks.sweep import main as sweep_main
 from methods import METHODS
 from tests_support import TINY_ARGS
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests_support import ROOT
 
 
 def write_sweep(path, **spec):

@@ -1,6 +1,10 @@
 """Shared test settings and readers, written independently of the code under test."""
 import errno
 import re
+from pathlib import Path
+
+# The repository root, for tests that run its commands or read its files.
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_ARGS = [
     "trainer=debug",
