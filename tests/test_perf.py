@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -365,3 +367,59 @@ def test_the_progress_bar_still_shows_the_loss(make_cfg, tmp_path):
     trainer.fit(module, datamodule=dm)
     assert "train/loss" not in trainer.progress_bar_metrics
     assert len(shown) == 2 and all(float(m["loss"]) > 0 for m in shown)
+
+
+def _probe_wheel(folder: Path) -> None:
+    """A minimal pure-Python wheel, `clipcomp_probe`, standing in for the wheels of `make perf-wheels`."""
+    info = "clipcomp_probe-0.1.dist-info"
+    files = {"clipcomp_probe.py": "VALUE = 1\n",
+             f"{info}/METADATA": "Metadata-Version: 2.1\nName: clipcomp-probe\nVersion: 0.1\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / "clipcomp_probe-0.1-py3-none-any.whl", "w") as whl:
+        for name, text in files.items():
+            whl.writestr(name, text)
+        whl.writestr(f"{info}/RECORD", "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"]))
+
+
+def _node(tmp_path: Path, *args: str, wheels: Path) -> subprocess.CompletedProcess:
+    """benchmarks/perf_node.sh as a GPU node runs it, its `python3` a wrapper around this Python that notes, for
+    each call, whether the probe wheel can be imported there."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    wrapper = bin_dir / "python3"
+    wrapper.write_text(f'#!/bin/sh\n"{sys.executable}" -c "import clipcomp_probe" 2>/dev/null '
+                       f'&& echo importable >> "{tmp_path}/calls" || echo absent >> "{tmp_path}/calls"\n'
+                       f'exec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "WHEELS": str(wheels), "HOME": str(tmp_path)}
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "perf_node.sh"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_perf_node_installs_the_wheels_runs_and_keeps_the_results(tmp_path):
+    _probe_wheel(tmp_path / "whl")
+    kept = tmp_path / "kept"
+    done = _node(tmp_path, str(kept), "perf=cpu", "methods=[clip]", "inputs=[resident]", "openclip=false",
+                 "bare=false", "batch_size=8", "steps=4", "warmup=1", "log_every=1",
+                 "resident_args=[data.options.train_size=8]", wheels=tmp_path / "whl")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    # pip ran without the wheels on the path; benchmarks.perf with them
+    assert (tmp_path / "calls").read_text().split() == ["absent", "importable"]
+    [run] = kept.glob("perf-*")
+    info = json.loads((run / "perf.json").read_text())
+    assert [r["name"] for r in info["rows"]] == ["clip · resident · eager"] and info["rows"][0]["samples_per_sec"] > 0
+    assert "| clip · resident · eager |" in (run / "perf.md").read_text()
+    with tarfile.open(run / "rows.tar.gz") as tar:
+        assert any(name.endswith("/log.txt") for name in tar.getnames())
+
+
+@pytest.mark.parametrize("case", ["no destination", "no wheels"])
+def test_perf_node_says_what_is_missing(tmp_path, case):
+    (tmp_path / "whl").mkdir()
+    args = ["perf=cpu"] if case == "no destination" else [str(tmp_path / "kept"), "perf=cpu"]
+    done = _node(tmp_path, *args, wheels=tmp_path / "whl")
+    assert done.returncode == 2
+    assert ("usage: bash benchmarks/perf_node.sh DEST" if case == "no destination" else
+            f"no wheels in {tmp_path / 'whl'}/: run 'make perf-wheels'") in done.stderr
+    assert not (tmp_path / "kept").exists()
