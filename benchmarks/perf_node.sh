@@ -12,10 +12,11 @@ if [ $# -lt 1 ] || [[ $1 == *=* ]]; then
   echo "usage: bash benchmarks/perf_node.sh DEST [key=value ...]   (DEST: the folder that keeps the results)" >&2
   exit 2
 fi
-dest=$1
+dest=$(realpath -m "$1")  # DEST and a WHEELS folder are paths from where the script was called
 shift
+if [ -n "${WHEELS:-}" ]; then wheels=$(realpath -m "$WHEELS"); fi
 cd "$(dirname "$0")/.."
-wheels=${WHEELS:-.whl}
+wheels=${wheels:-$PWD/.whl}
 if ! compgen -G "$wheels/*.whl" >/dev/null; then
   echo "perf_node: no wheels in $wheels/: run 'make perf-wheels' where pip reaches PyPI, and bring $wheels/ along" >&2
   exit 2

@@ -400,7 +400,8 @@ def _node(tmp_path: Path, *args: str, wheels: Path) -> subprocess.CompletedProce
 def test_perf_node_installs_the_wheels_runs_and_keeps_the_results(tmp_path):
     _probe_wheel(tmp_path / "whl")
     kept = tmp_path / "kept"
-    done = _node(tmp_path, str(kept), "perf=cpu", "methods=[clip]", "inputs=[resident]", "openclip=false",
+    # DEST relative: a path from where the script is called, not from the repo it moves to
+    done = _node(tmp_path, "kept", "perf=cpu", "methods=[clip]", "inputs=[resident]", "openclip=false",
                  "bare=false", "batch_size=8", "steps=4", "warmup=1", "log_every=1",
                  "resident_args=[data.options.train_size=8]", wheels=tmp_path / "whl")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
