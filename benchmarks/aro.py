@@ -10,8 +10,13 @@ dataset_zoo/aro_datasets.py, model_zoo/clip_models.py and the VG replication not
 - COCO-Order, Flickr30k-Order: one case per caption of the Karpathy test file; options [original, ARO's four
   shuffles of it]: nouns and adjectives among themselves, everything else, within trigrams, trigrams. ARO
   tags and shuffles the raw caption and then applies `pre_caption(max_words=30)` to every option, the
-  original included; so does this. Correct iff the original scores at least as high as every shuffle (ties
-  right). The shuffles are seeded (bench.seed, 1 as in ARO) and drawn in file order.
+  original included; so does this. The two trigram shuffles split the caption with NLTK's `word_tokenize`, as
+  ARO's do (it keeps "black-and-white" whole and writes quotes as `` and ''); the first two shuffle the lab
+  parser's words by its Penn tags, where ARO takes spaCy's `en_core_web_sm` (not on the package index, so
+  not used here; CoNLL-U from any tagger can stand in, `<data_root>/parses/`). Correct iff the original scores at
+  least as high as every shuffle (ties right). The shuffles are seeded (bench.seed, 1 as in ARO) and drawn in
+  file order from one generator (ARO draws from numpy's and Python's global ones), so they are ARO's in
+  distribution, not draw for draw.
 Each record's caption options carry their own scene graph where the record has `true_triples`/`false_triples`
 (Structure-CLIP's augmented copies), for methods that read graphs at test time.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -132,10 +138,32 @@ def tagger(ctx: BenchContext) -> Tagger:
     return ctx.cached("order_tagger", lambda: default_tagger(ctx))
 
 
+def word_tokenizer() -> tuple[Callable[[str], list[str]], bool]:
+    """NLTK's `word_tokenize`, which ARO's trigram shuffles call, and whether it splits sentences first as ARO's
+    does: that needs NLTK's punkt data (`python -m nltk.downloader punkt_tab`); without it each caption is
+    tokenized as one sentence (NLTK's `preserve_line`), which differs only where a caption has more than one."""
+    try:
+        import nltk
+    except ImportError as e:
+        raise ImportError(f"COCO-Order and Flickr30k-Order split captions for the trigram shuffles with NLTK, as "
+                          f"ARO does; it cannot be imported ({e}): pip install nltk") from None
+    try:
+        nltk.word_tokenize("A dog. A cat.")
+        return nltk.word_tokenize, True
+    except LookupError:  # punkt_tab is not installed
+        return (lambda text: nltk.word_tokenize(text, preserve_line=True)), False
+
+
+MANY_SENTENCES = re.compile(r"[.!?][\"')\]]*\s+\S")  # a sentence end followed by more text
+
+
 def order_options(captions: Sequence[str], wheres: Sequence[str], tag: Tagger, rng: np.random.Generator,
-                  bad: BadRecords, max_words: int = ORDER_MAX_WORDS) -> list[list[str] | None]:
+                  bad: BadRecords, max_words: int = ORDER_MAX_WORDS,
+                  tokenize: Callable[[str], list[str]] | None = None) -> list[list[str] | None]:
     """Per raw caption, [original, 4 shuffles], each through pre_caption; None for a caption skipped as bad.
-    The tagger sees the raw caption stripped of surrounding whitespace (ARO tags the raw caption too)."""
+    The tagger sees the raw caption stripped of surrounding whitespace (ARO tags the raw caption too);
+    `tokenize` splits the raw caption for the trigram shuffles (ARO: NLTK's word_tokenize; None: the tagger's
+    words)."""
     tagged = tag([c.strip() for c in captions])
     if len(tagged) != len(captions):
         raise RuntimeError(f"the tagger returned {len(tagged)} results for {len(captions)} captions")
@@ -144,7 +172,8 @@ def order_options(captions: Sequence[str], wheres: Sequence[str], tag: Tagger, r
         if not tokens:
             raise BadInput(f"{where}: the parser found no words in caption {caption!r}")
         words, tags = [w for w, _ in tokens], [t for _, t in tokens]
-        return [pre_caption(o, max_words) for o in (caption, *order_negatives(words, tags, rng))]
+        trigram_words = None if tokenize is None else tokenize(caption)
+        return [pre_caption(o, max_words) for o in (caption, *order_negatives(words, tags, rng, trigram_words))]
 
     return [bad.guard(lambda c=c, t=t, w=w: options(c, t, w)) for c, t, w in zip(captions, tagged, wheres)]
 
@@ -157,7 +186,9 @@ def order_benchmark(ctx: BenchContext, dataset: str, name: str, what: str) -> Be
     entries = [entries[k] for k in kept]
     captions = [(i, c, f"{e.where} caption {j}") for i, e in enumerate(entries) for j, c in enumerate(e.captions)]
     rng = np.random.default_rng(ctx.spec.seed)
-    rows = order_options([c for _, c, _ in captions], [w for _, _, w in captions], tagger(ctx), rng, bad)
+    tokenize, sentences = word_tokenizer()
+    rows = order_options([c for _, c, _ in captions], [w for _, _, w in captions], tagger(ctx), rng, bad,
+                         tokenize=tokenize)
     cases = [(i, row) for (i, _, _), row in zip(captions, rows) if row is not None]
     nonempty(cases, what, path)
     k = len(cases[0][1])
@@ -170,6 +201,11 @@ def order_benchmark(ctx: BenchContext, dataset: str, name: str, what: str) -> Be
     notes.append(f"{what}: {len(cases)} captions of {len(entries)} images; the original against ARO's 4 shuffles "
                  f"(seed {ctx.spec.seed}), all through ARO's pre_caption(max_words={ORDER_MAX_WORDS}); a tie counts "
                  f"as right; chance 0.2")
+    several = sum(bool(MANY_SENTENCES.search(c.strip())) for (_, c, _), row in zip(captions, rows) if row is not None)
+    if several and not sentences:
+        notes.append(f"{what}: {several} captions have a sentence end inside ('.', '!' or '?' then more text); "
+                     f"without NLTK's punkt data each was tokenized for the trigram shuffles as one sentence, where "
+                     f"ARO's word_tokenize splits sentences first (python -m nltk.downloader punkt_tab)")
     return BenchResult({name: correct.float().mean().item()}, FAMILY, notes=notes)
 
 

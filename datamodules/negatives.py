@@ -73,10 +73,17 @@ def shuffle_trigrams(words: list[str], tags: list[str], rng: np.random.Generator
 
 # ARO's option order for COCO-Order and Flickr30k-Order (after the original caption).
 ORDER_PERTURBATIONS = (shuffle_nouns_and_adj, shuffle_allbut_nouns_and_adj, shuffle_within_trigrams, shuffle_trigrams)
+TRIGRAM_PERTURBATIONS = (shuffle_within_trigrams, shuffle_trigrams)  # they read words only, not tags
 
 
-def order_negatives(words: list[str], tags: list[str], rng: np.random.Generator) -> list[str]:
-    """The four ARO perturbations of one tagged caption, joined with spaces, in ARO's order."""
+def order_negatives(words: list[str], tags: list[str], rng: np.random.Generator,
+                    trigram_words: list[str] | None = None) -> list[str]:
+    """The four ARO perturbations of one tagged caption, joined with spaces, in ARO's order.
+
+    `trigram_words`: the words of the two trigram shuffles where the caption is tokenized for them apart (ARO
+    splits it with NLTK's word_tokenize for those and with spaCy's tagger for the other two); default `words`."""
     if len(words) != len(tags):
         raise ValueError(f"{len(words)} words but {len(tags)} tags: {' '.join(words)!r}")
-    return [" ".join(f(words, tags, rng)) for f in ORDER_PERTURBATIONS]
+    trigram_words = words if trigram_words is None else trigram_words
+    return [" ".join(f(trigram_words if f in TRIGRAM_PERTURBATIONS else words, tags, rng))
+            for f in ORDER_PERTURBATIONS]

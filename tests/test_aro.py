@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.aro import excluded_relations, order_options
+from benchmarks.aro import MANY_SENTENCES, excluded_relations, order_options, word_tokenizer
 from benchmarks.base import BENCHMARKS
 from benchmarks.formats import pre_caption
 from benchmarks.real import ImageFiles, ImageRef
@@ -123,6 +123,31 @@ def test_order_options_tag_the_raw_caption_and_pre_caption_every_option(fx):
     expected = order_negatives(list(words), list(tags), np.random.default_rng(1))
     assert row[1:] == [pre_caption(s) for s in expected]  # ARO's order: nouns/adj, all but, within trigrams, trigrams
     assert all(sorted(o.replace(",", " ,").split()) == sorted(row[0].replace(",", " ,").split()) for o in row[1:])
+
+
+def test_trigram_shuffles_split_the_caption_as_nltk_does_and_the_others_take_the_taggers_words():
+    raw = 'A black-and-white cat sits on a "red" couch.'
+    # the parser splits the hyphens (as Stanza and spaCy do); ARO's trigram shuffles read NLTK's word_tokenize
+    tokens = [("A", "DT"), ("black", "JJ"), ("-", "HYPH"), ("and", "CC"), ("-", "HYPH"), ("white", "JJ"),
+              ("cat", "NN"), ("sits", "VBZ"), ("on", "IN"), ("a", "DT"), ('"', "``"), ("red", "JJ"), ('"', "''"),
+              ("couch", "NN"), (".", ".")]
+    tokenize, _ = word_tokenizer()
+    nltk_words = tokenize(raw)
+    assert nltk_words == ["A", "black-and-white", "cat", "sits", "on", "a", "``", "red", "''", "couch", "."]
+    (row,) = order_options([raw], ["f:0"], lambda texts: [tokens for _ in texts], np.random.default_rng(3),
+                           BadRecords(), tokenize=tokenize)
+    words, tags = [w for w, _ in tokens], [t for _, t in tokens]
+    expected = order_negatives(words, tags, np.random.default_rng(3), trigram_words=nltk_words)
+    assert row[1:] == [pre_caption(s) for s in expected]
+    assert "black-and-white" in row[3].split() and "black-and-white" in row[4].split()  # the trigram shuffles
+    assert "black-and-white" not in row[1].split() + row[2].split()  # the tagger's words, hyphens apart
+    assert "``" in row[3] and "''" in row[4]  # NLTK's quotes survive pre_caption, as in ARO
+
+
+def test_captions_of_several_sentences_are_recognised_for_the_punkt_note():
+    assert MANY_SENTENCES.search("A man rides a bike. He wears a helmet.")
+    assert MANY_SENTENCES.search('A sign says "stop!" next to a road')
+    assert not MANY_SENTENCES.search("A man rides a bike.") and not MANY_SENTENCES.search("A 3.5 inch screen")
 
 
 def _originals(fx, dataset, file):

@@ -276,3 +276,18 @@ def test_perturbations_handle_short_inputs():
         words, tags = WORDS[:n], TAGS[:n]
         negs = order_negatives(words, tags, np.random.default_rng(0))
         assert len(negs) == 4 and all(Counter(x.split()) == Counter(words) for x in negs)
+
+
+def test_trigram_words_feed_only_the_two_trigram_shuffles():
+    words, tags = ["a", "red", "-", "ish", "ball", "on", "a", "box"], ["DT", "JJ", "HYPH", "JJ", "NN", "IN", "DT", "NN"]
+    trigram_words = ["a", "red-ish", "ball", "on", "a", "box"]
+    got = order_negatives(words, tags, np.random.default_rng(5), trigram_words=trigram_words)
+    rng = np.random.default_rng(5)  # the same draws in the same order, each shuffle on its own words
+    assert got == [" ".join(shuffle_nouns_and_adj(words, tags, rng)),
+                   " ".join(shuffle_allbut_nouns_and_adj(words, tags, rng)),
+                   " ".join(shuffle_within_trigrams(trigram_words, tags, rng)),
+                   " ".join(shuffle_trigrams(trigram_words, tags, rng))]
+    assert sorted(got[2].split()) == sorted(got[3].split()) == sorted(trigram_words)
+    assert sorted(got[0].split()) == sorted(got[1].split()) == sorted(words)
+    assert order_negatives(words, tags, np.random.default_rng(5)) == order_negatives(
+        words, tags, np.random.default_rng(5), trigram_words=words)
