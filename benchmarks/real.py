@@ -45,10 +45,20 @@ def bad_records(ctx: BenchContext) -> BadRecords:
     return BadRecords(skip_bad=bool(ctx.spec.get("skip_bad", False)))
 
 
-def use_amp(ctx: BenchContext) -> bool:
-    """bench.amp, or by default: bfloat16 autocast on a GPU, full precision on a CPU."""
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def use_amp(ctx: BenchContext) -> torch.dtype | None:
+    """The autocast dtype of the encoders (None: full precision): bench.amp (None: on a GPU only), to
+    bench.amp_dtype (float16 by default: CLIP_benchmark's autocast, and the half precision ARO runs OpenAI's
+    CLIP in; bfloat16 keeps 3 fewer mantissa bits, enough to flip a close choice between two captions)."""
     amp = ctx.spec.get("amp")
-    return _device(ctx.model).type == "cuda" if amp is None else bool(amp)
+    on = _device(ctx.model).type == "cuda" if amp is None else bool(amp)
+    return AMP_DTYPES[str(ctx.spec.get("amp_dtype", "float16"))] if on else None
+
+
+def precision_name(amp: torch.dtype | None) -> str:
+    return "in float32" if amp is None else f"under {str(amp).removeprefix('torch.')} autocast"
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,7 @@ class EncodedImages:
     features: Tensor
     errors: list[str | None]
     seconds: float
+    amp: torch.dtype | None = None  # the autocast dtype they were encoded under (None: float32)
     reported: bool = False  # the speed is reported by the first benchmark that used these images
 
     def speed_note(self, what: str) -> str:
@@ -101,8 +112,8 @@ class EncodedImages:
         self.reported = True
         ok = sum(e is None for e in self.errors)
         kind = "image crops" if any(r.box is not None for r in self.refs) else "images"
-        return (f"{what}: {ok} distinct {kind} read, preprocessed and encoded at "
-                f"{ok / max(self.seconds, 1e-9):.1f} images/s")
+        return (f"{what}: {ok} distinct {kind} read, preprocessed and encoded {precision_name(self.amp)} (images "
+                f"and captions) at {ok / max(self.seconds, 1e-9):.1f} images/s")
 
 
 def encode_refs(ctx: BenchContext, refs: Sequence[ImageRef], wheres: Sequence[str], what: str) -> EncodedImages:
@@ -117,11 +128,11 @@ def encode_refs(ctx: BenchContext, refs: Sequence[ImageRef], wheres: Sequence[st
         names = [users[r][0] + (f" (and {len(users[r]) - 1} other records)" if len(users[r]) > 1 else "")
                  for r in distinct]
         data = ImageFiles(distinct, names, ctx.preprocess)
-        start = time.perf_counter()
+        start, amp = time.perf_counter(), use_amp(ctx)
         feats, errors = encode_images_guarded(ctx.model, data, batch_size=ctx.spec.batch_size,
                                               num_workers=min(int(ctx.spec.get("num_workers", 0)), os.cpu_count() or 1),
-                                              desc=f"{what} images", amp=use_amp(ctx))
-        return EncodedImages(distinct, feats, errors, time.perf_counter() - start)
+                                              desc=f"{what} images", amp=amp)
+        return EncodedImages(distinct, feats, errors, time.perf_counter() - start, amp)
 
     return ctx.cached(("images", tuple(distinct)), make)
 

@@ -35,9 +35,9 @@ def _device(model: Any) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def _precision(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast when asked for (faster on GPUs), full precision otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+def _precision(device: torch.device, amp: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `amp` (torch.float16 or torch.bfloat16) when given, full precision otherwise."""
+    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
 
 def _checked(feats: Tensor, rows: int, what: str) -> Tensor:
@@ -71,7 +71,7 @@ def _collate_guarded(batch: list[tuple[Tensor | None, str | None]]) -> tuple[Ten
 
 
 def encode_images_guarded(model: Encoder, images: Dataset | Sequence[Tensor], batch_size: int = 256,
-                          num_workers: int = 0, desc: str = "images", amp: bool = False
+                          num_workers: int = 0, desc: str = "images", amp: torch.dtype | None = None
                           ) -> tuple[Tensor, list[str | None]]:
     """Features (N, D) of every image, each encoded exactly once and in order, as float32 on the CPU, and per
     image None or the BadInput message raised while reading it (its feature row is then zeros). Callers decide
@@ -97,7 +97,7 @@ def encode_images_guarded(model: Encoder, images: Dataset | Sequence[Tensor], ba
 
 
 def encode_image_dataset(model: Encoder, images: Dataset | Sequence[Tensor], batch_size: int = 256,
-                         num_workers: int = 0, desc: str = "images", amp: bool = False) -> Tensor:
+                         num_workers: int = 0, desc: str = "images", amp: torch.dtype | None = None) -> Tensor:
     """Features (N, D) of every image, each encoded exactly once and in order, as float32 on the CPU; an image
     that cannot be read stops the run with its BadInput message."""
     feats, errors = encode_images_guarded(model, images, batch_size, num_workers, desc, amp)
@@ -108,7 +108,7 @@ def encode_image_dataset(model: Encoder, images: Dataset | Sequence[Tensor], bat
 
 
 def encode_unique_texts(model: Encoder, texts: Sequence[str], graphs: Sequence | None = None, batch_size: int = 256,
-                        desc: str = "captions", amp: bool = False) -> Tensor:
+                        desc: str = "captions", amp: torch.dtype | None = None) -> Tensor:
     """Features (M, D) for `texts` in order, encoding each distinct caption (or (caption, graph) pair) only once."""
     if len(texts) == 0:
         raise ValueError("no captions to encode")

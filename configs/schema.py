@@ -173,10 +173,12 @@ class BenchSpec:
     data_root: Optional[str] = None  # folder with the real benchmark files (layout in README "Real benchmarks")
     skip_bad: bool = False  # skip records with a missing/corrupt image or a malformed field, and report how many
     num_workers: int = 4  # DataLoader workers reading and preprocessing the real benchmarks' images (at most the CPU count)
-    amp: Optional[bool] = None  # bfloat16 autocast while encoding; None: on a GPU only
+    amp: Optional[bool] = None  # autocast while encoding the real benchmarks; None: on a GPU only
+    amp_dtype: str = "float16"  # float16 as CLIP_benchmark (and ARO's OpenAI CLIP, in half precision); or bfloat16
     parser: Any = None  # options of the caption parser the Order benchmarks tag with (datamodules.parse.ParserConfig)
 
-    RULES: ClassVar[dict[str, Rule]] = {"batch_size": at_least(1), "split": one_of("train", "val", "test")}
+    RULES: ClassVar[dict[str, Rule]] = {"batch_size": at_least(1), "split": one_of("train", "val", "test"),
+                                        "amp_dtype": one_of("float16", "bfloat16")}
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from benchmarks.aro import MANY_SENTENCES, excluded_relations, order_options, word_tokenizer
@@ -180,3 +181,16 @@ def test_order_accuracy_by_construction(fx):
     assert sum(len(e["caption"]) for e in data) == 31 and len(data[2]["caption"]) == 6
     assert result.metrics["coco_order"] == pytest.approx(11 / 31)
     assert model.sizes and len(model.sizes) == len(data)  # each image read once for 31 cases
+
+
+def test_encoding_precision_defaults_to_float16_autocast_on_a_gpu_only_and_the_notes_say_which(fx):
+    from benchmarks.real import use_amp
+
+    model = StandIn(lambda t: [0.5, 0.0])
+    assert use_amp(context(model, fx.root)) is None  # a CPU model: float32
+    assert use_amp(context(model, fx.root, amp=True)) is torch.float16  # CLIP_benchmark's autocast
+    assert use_amp(context(model, fx.root, amp=True, amp_dtype="bfloat16")) is torch.bfloat16
+    notes = BENCHMARKS.get("vg_relation")(context(model, fx.root)).notes
+    assert any("encoded in float32" in n for n in notes)
+    notes = BENCHMARKS.get("vg_relation")(context(model, fx.root, amp=True)).notes
+    assert any("encoded under float16 autocast" in n for n in notes)

@@ -205,7 +205,8 @@ def test_amp_and_model_device():
     model = LinearEncoder()
     images = [torch.randn(3, 2, 2) for _ in range(5)]
     full = encode_image_dataset(model, images, batch_size=2)
-    half = encode_image_dataset(model, images, batch_size=2, amp=True)
-    assert full.dtype == half.dtype == torch.float32 and half.device.type == "cpu"
-    torch.testing.assert_close(half, full, atol=3e-2, rtol=0)  # bfloat16 is close, not equal
-    assert not torch.equal(half, full)
+    for dtype, atol in ((torch.bfloat16, 3e-2), (torch.float16, 4e-3)):
+        half = encode_image_dataset(model, images, batch_size=2, amp=dtype)
+        assert full.dtype == half.dtype == torch.float32 and half.device.type == "cpu"
+        torch.testing.assert_close(half, full, atol=atol, rtol=0)  # close, not equal
+        assert not torch.equal(half, full)
