@@ -61,15 +61,17 @@ def max_violation_hinge(image_features: Tensor, text_features: Tensor, all_image
 
 
 def caption_margin_loss(image_features: Tensor, text_features: Tensor, negative_features: Tensor,
-                        valid: Tensor | None = None, margin: float = 0.1) -> Tensor:
+                        valid: Tensor | None = None, margin: float = 0.1, denominator: Tensor | None = None) -> Tensor:
     """Each image must score its caption at least `margin` above the caption's negative (Structure-CLIP's
-    `MarginLoss`); items without a negative (`valid` False) do not count. Per-item, no gather needed."""
+    `MarginLoss`); items without a negative (`valid` False) do not count. Per item, so no features are gathered;
+    the mean is over the valid items of the global batch: `denominator` = (valid items over every rank) / (world
+    size), as MSG-CLIP's terms below (default: this rank's valid count, right on one process)."""
     pos = (image_features * text_features).sum(-1)  # (B,)
     neg = (image_features * negative_features).sum(-1)  # (B,)
     hinge = F.relu(margin - (pos - neg))  # (B,)
     if valid is None:
         return hinge.mean()
-    return (hinge * valid).sum() / valid.sum().clamp(min=1)
+    return (hinge * valid).sum() / (valid.sum().clamp(min=1) if denominator is None else denominator)
 
 
 # -- MSG-CLIP: entity- and triple-level alignment -------------------------------------------------------

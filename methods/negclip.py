@@ -1,8 +1,11 @@
 """NegCLIP (Yuksekgonul et al., ICLR 2023): hard negative captions and hard negative images.
 
-Each item brings a hard negative caption (a swap of its relation's arguments, of its attributes, of its
-nouns, or a word shuffle; on the shapes world made from the exact scene graph) and a neighbour image (a
-nearest neighbour in the starting model's image-embedding space) with its own caption and hard caption.
+Each item brings a hard negative caption (a swap of its relation's arguments, of its attributes or of its
+nouns; on the shapes world made from the exact scene graph) and a neighbour image (a nearest neighbour in the
+starting model's image-embedding space) with its own caption and hard caption. NegCLIP's negatives are swaps
+(its paper; its released file): ARO's word-order shuffles are the COCO/Flickr-Order test itself and not among
+them. `negative_kinds` may add "shuffle" (one of those shuffles) as an ablation, which trains on the Order
+benchmarks' own perturbation.
 A batch of B gives 2B images against 4B texts: image->text over every text, text->image over the 2B
 positive captions only, as the reference does; every rank's texts join the gather.
 """
@@ -23,8 +26,10 @@ from configs.files import atomic_open
 from methods.base import METHODS, ContrastiveMethod, dist_info
 from methods.losses import contrastive_loss
 
-# generated from a scene graph or tags, and "released": the negatives a data file ships (NegCLIP's TSV)
+# generated from a scene graph or tags, and "released": the negatives a data file ships (NegCLIP's TSV);
+# "shuffle" (ARO's order perturbations, the Order benchmarks' own negatives) only where a config asks for it
 NEGATIVE_KINDS = ("relation", "attribute", "noun", "shuffle", "released")
+DEFAULT_KINDS = ("relation", "attribute", "noun", "released")
 SPEED_ONLY = ("compile", "compile_backend", "grad_checkpointing")  # model settings that change no feature
 
 
@@ -48,7 +53,7 @@ class NegCLIP(ContrastiveMethod):
     @dataclass
     class Config:
         name: str = "negclip"
-        negative_kinds: list[str] = field(default_factory=lambda: list(NEGATIVE_KINDS))
+        negative_kinds: list[str] = field(default_factory=lambda: list(DEFAULT_KINDS))
         hard_images: bool = True  # a neighbour image per item (off: hard captions only)
         neighbours: int = 3  # the reference's file holds 3 neighbour rows per item
 

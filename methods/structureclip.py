@@ -133,15 +133,18 @@ class StructureCLIP(ContrastiveMethod):
         return feats
 
     def loss_terms(self, batch: dict[str, Any], feats: dict[str, Tensor]) -> dict[str, Tensor]:
-        rank, _ = dist_info()
+        rank, world = dist_info()
         img, fused = feats["image_features"], feats["fused_text_features"]
         all_img, all_fused = self.gather(img), self.gather(fused)
         warm = self.training and self.global_step < self.mcfg.hinge_warmup_steps
         terms = {"hinge_loss": max_violation_hinge(img, fused, all_img, all_fused, rank, self.mcfg.hinge_margin,
                                                    mean_images=warm)}
         if "neg_text_features" in feats and self.mcfg.negative_weight > 0:
+            valid = feats["neg_valid"]  # (B,) whether each item has a negative: the mean is over the global batch's
+            denominator = self.gather(valid).sum().clamp(min=1) / world
             terms["negative_loss"] = self.mcfg.negative_weight * caption_margin_loss(
-                img, feats["text_features"], feats["neg_text_features"], feats["neg_valid"], self.mcfg.negative_margin)
+                img, feats["text_features"], feats["neg_text_features"], valid, self.mcfg.negative_margin,
+                denominator)
         if self.mcfg.infonce_weight > 0:
             terms["contrastive_loss"] = self.mcfg.infonce_weight * contrastive_loss(
                 img, fused, all_img, all_fused, feats["logit_scale"], rank)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from methods.base import lr_lambda
 from methods.clip import CLIP
-from methods.losses import contrastive_loss
+from methods.losses import caption_margin_loss, contrastive_loss
 import configs
 
 
@@ -68,3 +68,19 @@ def test_warmup_then_cosine():
     assert math.isclose(f(10), 1.0) and math.isclose(f(60), 0.1 + 0.9 * 0.5) and math.isclose(f(110), 0.1)
     c = lr_lambda("constant", warmup=4, total=100, min_ratio=0.0)
     assert c(1) == 0.5 and c(50) == 1.0
+
+
+def test_caption_margin_loss_averaged_over_ranks_is_the_global_batch_mean():
+    """Items without a negative spread unevenly over ranks: the per-rank losses, each divided by the global
+    count of valid items over the world size, average to the loss on the whole batch."""
+    g = torch.Generator().manual_seed(3)
+    img, txt, neg = (F.normalize(torch.randn(8, 5, generator=g, dtype=torch.float64), dim=-1) for _ in range(3))
+    valid = torch.tensor([1, 0, 0, 0, 1, 1, 1, 1], dtype=torch.float64)
+    whole = caption_margin_loss(img, txt, neg, valid, margin=0.5)
+    denominator = valid.sum() / 2
+    shards = [slice(0, 4), slice(4, 8)]
+    per_rank = [caption_margin_loss(img[s], txt[s], neg[s], valid[s], 0.5, denominator) for s in shards]
+    assert math.isclose((sum(per_rank) / 2).item(), whole.item(), rel_tol=1e-12)
+    # each rank's own mean would weigh rank 0's single item as much as rank 1's four
+    own = [caption_margin_loss(img[s], txt[s], neg[s], valid[s], 0.5) for s in shards]
+    assert not math.isclose((sum(own) / 2).item(), whole.item(), rel_tol=1e-3)
