@@ -11,9 +11,12 @@ instead of the hardest for the first 100 iterations (`hinge_warmup_steps`).
 The KEE embeds up to 6 triples (relations first, then (object, "is", attribute)); each element is
 mean-pooled over its token embeddings, a triple is h + r - t, a stack of transformer layers reads the
 triples, and the first output, projected and normalised, is added to the normalised CLIP text feature
-with weight 0.2 (no re-normalisation). Difference from the release, stated: the released code takes the
+with weight 0.2 (no re-normalisation). Differences from the release, stated: the released code takes the
 token table and the 6 layers from BERT, which cannot be loaded here; the lab uses the CLIP text tower's
-own token embeddings and freshly initialised layers.
+own token embeddings and freshly initialised layers. The release's element vector is the mean over all 5
+positions of BERT's embedding layer, pads included (there each pad carries its position embedding); the
+lab's table has no position embeddings and pads with id 0, a real CLIP token ("!"), so the mean is over
+the element's real tokens (start, word pieces, end) and does not depend on the padded length.
 """
 from __future__ import annotations
 
