@@ -195,3 +195,24 @@ def test_structureclip_batch_brings_each_captions_triples_as_token_ids(make_cfg)
 def test_unknown_negative_kind_is_rejected(make_cfg):
     with pytest.raises(ValueError, match="unknown negative kinds.*available"):
         build(make_cfg("method=negclip", "method.negative_kinds=[colour]"))
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_loss_terms_run_in_float32_under_bf16_autocast(make_cfg, method):
+    """The towers run in bf16 under autocast; the loss terms get float32 features and compute in float32, so
+    a logit is not rounded to bf16 (spacing 0.5 near a scale of 100): the loss equals a float64 computation
+    on the same features."""
+    module, batch = batch_of(make_cfg, method)
+    module.train()
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = module.training_loss(batch)
+        torch.manual_seed(0)
+        feats = module.encode(batch)  # the same features (the same dropout draws)
+    assert any(v.dtype == torch.bfloat16 for v in feats.values() if torch.is_tensor(v))  # the towers ran in bf16
+    wide = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in feats.items()}
+    module.double()
+    reference = sum(v for k, v in module.loss_terms(batch, wide).items() if k.endswith("_loss"))
+    module.float()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-6)
