@@ -119,13 +119,14 @@ class TrainerConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with warmup then cosine (or constant); no decay on gains, biases and the logit scale."""
+    """AdamW with warmup then cosine (or constant); no decay on gains, biases and the logit scale (unless decay_all)."""
 
     lr: float = 1e-3
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
+    decay_all: bool = False  # weight decay on every parameter, as torch's AdamW(model.parameters()) (Structure-CLIP)
     warmup_steps: int = 50
     schedule: str = "cosine"  # cosine | constant
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio

@@ -201,16 +201,17 @@ class ContrastiveMethod(L.LightningModule):
         return {}
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """No weight decay on gains, biases, embeddings' 1-d vectors and the logit scale (open_clip's rule); then
-        the method's own groups (`own_param_groups`), each with its name (LearningRateMonitor logs it)."""
+        """No weight decay on gains, biases, embeddings' 1-d vectors and the logit scale (open_clip's rule; with
+        `optim.decay_all`, decay on every parameter, as a plain `AdamW(model.parameters())`); then the method's
+        own groups (`own_param_groups`), each with its name (LearningRateMonitor logs it)."""
         own = self.own_param_groups()
         claimed = {id(p) for g in own.values() for p in g["params"]}
         decay, no_decay = [], []
+        o = self.cfg.optim
         for name, p in self.named_parameters():
             if not p.requires_grad or id(p) in claimed:
                 continue
-            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
-        o = self.cfg.optim
+            (no_decay if not o.decay_all and (p.ndim < 2 or "logit_scale" in name) else decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         for name, g in own.items():
             groups.append({"name": name, "lr": o.lr, "weight_decay": o.weight_decay, "warmup_steps": o.warmup_steps} | g)

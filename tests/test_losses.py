@@ -62,6 +62,16 @@ def test_no_decay_on_gains_biases_and_logit_scale(make_cfg):
     assert len(decay["params"]) + len(no_decay["params"]) == sum(1 for p in module.parameters() if p.requires_grad)
 
 
+def test_structureclip_paper_optimiser_decays_every_parameter_with_torchs_adamw_defaults(make_cfg):
+    cfg = make_cfg("method=structureclip", "optim=structureclip_paper")
+    o = cfg.optim
+    assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.lr, o.schedule) == (0.9, 0.999, 1e-8, 0.1, 5e-6, "constant")
+    module = CLIP(configs.to_plain(make_cfg("optim.decay_all=true")))
+    decay, no_decay = module.param_groups()
+    assert not no_decay["params"] and decay["weight_decay"] > 0
+    assert len(decay["params"]) == sum(1 for p in module.parameters() if p.requires_grad)
+
+
 def test_warmup_then_cosine():
     f = lr_lambda("cosine", warmup=10, total=110, min_ratio=0.1)
     assert f(0) == 0.1 and math.isclose(f(9), 1.0)
