@@ -35,13 +35,16 @@ def read_negclip_tsv(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: NegCLIP TSV not found")
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        # pandas' to_csv wrote it: a field holding a quote character is quoted, with its quotes doubled (the
+        # released file's lists of captions with an apostrophe are), which csv's default dialect reads back
+        reader = csv.reader(f, delimiter="\t")
         header = next(reader, None)
         if header is None or any(c not in header for c in COLUMNS):
             raise ValueError(f"{path}: header must hold {', '.join(COLUMNS)} (after the row-id column), got {header}")
         col = {name: header.index(name) for name in COLUMNS}
         rows = []
-        for line, fields in enumerate(reader, start=2):
+        for index, fields in enumerate(reader):
+            line = reader.line_num  # the file line a row ends on (a quoted field may hold a line break)
             where = f"{path}:{line}"
             if len(fields) != len(header):
                 raise ValueError(f"{where}: {len(fields)} fields, the header has {len(header)}")
@@ -49,7 +52,7 @@ def read_negclip_tsv(path: str | Path) -> list[dict[str, Any]]:
             if not title:
                 raise ValueError(f"{where}: empty caption in column 'title'")
             rows.append({
-                "row_id": int(fields[0]) if fields[0].strip().lstrip("-").isdigit() else line - 2,
+                "row_id": int(fields[0]) if fields[0].strip().lstrip("-").isdigit() else index,
                 "title": title,
                 "filepath": fields[col["filepath"]],
                 "neg_caption": _literal(fields[col["neg_caption"]], str, where, "neg_caption"),

@@ -1,6 +1,7 @@
 """NegCLIP's released TSV format: read as the reference reads it, trained on, and bad records named."""
 from __future__ import annotations
 
+import csv
 import random
 
 import pytest
@@ -14,19 +15,30 @@ from methods.train import build, compose_train, train
 HEADER = "\ttitle\tfilepath\tneg_caption\tneg_image\n"
 
 
+QUOTED_TITLE = 'A "stop" sign on a truck\'s flatbed.'
+QUOTED_NEGS = ["A flatbed on a stop sign 's truck ."]  # an apostrophe: repr writes it in double quotes
+
+
+def fixture_rows(rows: int) -> list[tuple[str, list[str]]]:
+    """(caption, hard captions) per row: row 0 as in valid_neg_clip.tsv; row 1 with quotes in both columns."""
+    out = [("A child holding a flowered umbrella and petting a yak.",
+            ["A umbrella holding a flowered child and petting a yak .",
+             "A child petting a flowered umbrella and holding a yak ."]), (QUOTED_TITLE, QUOTED_NEGS)]
+    return (out + [(f"a photo of thing {i}.", [f"thing {i} of a photo ."]) for i in range(2, rows)])[:rows]
+
+
 def write_fixture(root, rows: int = 12, name: str = "train.csv"):
-    """A file in the released layout (row 0 as in valid_neg_clip.tsv), with generated images."""
+    """A file in the released layout, written as pandas' to_csv(sep="\\t") writes it (a field holding a quote
+    is quoted, its quotes doubled), with generated images."""
     (root / "coco" / "val2014").mkdir(parents=True, exist_ok=True)
-    lines = [HEADER]
-    for i in range(rows):
-        path = f"val2014/COCO_val2014_{i:012d}.jpg"
-        Image.new("RGB", (40, 30), (20 * i % 255, 100, 150)).save(root / "coco" / path)
-        caption = "A child holding a flowered umbrella and petting a yak." if i == 0 else f"a photo of thing {i}."
-        negs = ["A umbrella holding a flowered child and petting a yak .",
-                "A child petting a flowered umbrella and holding a yak ."] if i == 0 else [f"thing {i} of a photo ."]
-        neighbours = [(i + 1) % rows, (i + 2) % rows, (i + 3) % rows]
-        lines.append(f"{i}\t{caption}\t{path}\t{negs!r}\t{neighbours!r}\n")
-    (root / name).write_text("".join(lines))
+    with open(root / name, "w", newline="") as f:
+        f.write(HEADER)
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")  # QUOTE_MINIMAL, doubled quotes: pandas'
+        for i, (caption, negs) in enumerate(fixture_rows(rows)):
+            path = f"val2014/COCO_val2014_{i:012d}.jpg"
+            Image.new("RGB", (40, 30), (20 * i % 255, 100, 150)).save(root / "coco" / path)
+            neighbours = [(i + 1) % rows, (i + 2) % rows, (i + 3) % rows]
+            writer.writerow([i, caption, path, repr(negs), repr(neighbours)])
     return root / name
 
 
@@ -36,6 +48,8 @@ def test_reads_the_released_format(tmp_path):
     assert len(rows) == 12 and rows[0]["title"].startswith("A child holding")
     assert rows[0]["neg_caption"][1] == "A child petting a flowered umbrella and holding a yak ."
     assert rows[0]["neighbours"] == [1, 2, 3]
+    assert '"[""A flatbed' in path.read_text().splitlines()[2]  # the released file's quoting of such a row
+    assert rows[1]["title"] == QUOTED_TITLE and rows[1]["neg_caption"] == QUOTED_NEGS and rows[1]["row_id"] == 1
     src = NegCLIPTSV(NegCLIPTSV.Config(train_file=str(path), image_root=str(tmp_path / "coco")), "train")
     s = src[0]
     assert s.image.size == (40, 30) and s.captions == [rows[0]["title"]]
