@@ -143,6 +143,7 @@ class CocoKarpathy(CaptionSource):
     """COCO captions in Karpathy's split (dataset_coco.json): train = train + restval, val, test."""
 
     name = "coco_karpathy"
+    id_kind = "coco"
     cache_options = ("images",)
 
     @dataclass
@@ -208,6 +209,7 @@ class Flickr30k(CocoKarpathy):
     """Flickr30k in Karpathy's split (dataset_flickr30k.json), images in flickr30k-images/."""
 
     name = "flickr30k"
+    id_kind = "flickr"
 
     @dataclass
     class Config(CocoKarpathy.Config):
@@ -227,6 +229,7 @@ class Coco2017(CaptionSource):
     """COCO 2017 captions in the COCO annotation format: train and val (test images have no captions)."""
 
     name = "coco2017"
+    id_kind = "coco"
     offered_splits = ("train", "val")
     cache_options = ("images",)
 

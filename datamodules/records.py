@@ -80,29 +80,57 @@ def norm_id(value: Any) -> str:
 
 
 ID_KEYS = ("image_id", "cocoid", "img_id", "image_path", "image", "filename", "file_name")
+COCO_NAME = re.compile(r"(^|[/_])coco_|COCO_(train|val|test)20\d\d_|(^|/)(train|val|test)20(14|17)/")
+ExcludedIds = set[tuple[str | None, str]]  # (the dataset an id names, or None where the file does not say; the id)
 
 
-def read_ids(paths: list[str]) -> set[str]:
-    """Image ids from files: one per line, a JSON list of ids, or JSON records (a list, or a dict of them as
-    SugarCrepe ships) with an id or a file name (ARO's `image_id` / `image_path`, SugarCrepe's `filename`)."""
-    ids: set[str] = set()
+def id_kind(key: str, value: Any, record: dict | None) -> str | None:
+    """The dataset an exclude file's image id names, where the file says so: "coco" (Karpathy's `cocoid`, a COCO
+    file name `COCO_val2014_000000391895.jpg` or 2017's `000000391895.jpg`, BLIP's `coco_391895`, a path under
+    train2014/ or val2017/), "flickr" (a path under flickr30k-images/), "vg" (ARO's VG-Relation and
+    VG-Attribution records, the ones with a box); None for a bare id."""
+    text = str(value)
+    if key == "cocoid" or COCO_NAME.search(text) or re.fullmatch(r"\d{12}\.jpg", Path(text).name):
+        return "coco"
+    if "flickr30k" in text.lower():
+        return "flickr"
+    if record is not None and "bbox_x" in record:
+        return "vg"
+    return None
+
+
+def read_ids(paths: list[str]) -> ExcludedIds:
+    """(dataset, image id) pairs from files: one id per line, a JSON list of ids, or JSON records (a list, or a dict
+    of them as SugarCrepe ships) with an id or a file name (ARO's `image_id` / `image_path`, SugarCrepe's
+    `filename`, BLIP's `image`); the dataset as `id_kind` tells it. A Visual Genome image that is also a COCO
+    image is left out by its COCO id, and a COCO id never leaves out the VG image that has the same number."""
+    ids: ExcludedIds = set()
     for name in paths:
         path = Path(name)
         if not path.is_file():
             raise FileNotFoundError(f"exclude_ids: file not found: {path}")
         if path.suffix != ".json":
-            ids.update(norm_id(line) for line in path.read_text().split() if line.strip())
+            ids.update((id_kind("", line, None), norm_id(line)) for line in path.read_text().split() if line.strip())
             continue
         items = json.loads(path.read_text())
         items = list(items.values()) if isinstance(items, dict) else items
         for k, item in enumerate(items):
+            key, record = "", None
             if isinstance(item, dict):
                 key = next((key for key in ID_KEYS if item.get(key) not in (None, "")), None)
                 if key is None:
                     raise BadInput(f"{path}: [{k}]: no image id (looked for {', '.join(ID_KEYS)})")
-                item = item[key]
-            ids.add(norm_id(item))
+                record, item = item, item[key]
+            ids.add((id_kind(key, item, record), norm_id(item)))
     return ids
+
+
+def is_excluded(kind: str | None, rid: Any, others: dict[str, Any] | None, excluded: ExcludedIds) -> bool:
+    """Whether a record of dataset `kind` with image id `rid` (and the same image's ids in other datasets,
+    `others`: a VG image's `coco_id`) is among the excluded ids; a bare id (no dataset) matches `rid`."""
+    own = norm_id(rid)
+    keys = {(kind, own), (None, own)} | {(k, norm_id(v)) for k, v in (others or {}).items() if v is not None}
+    return not keys.isdisjoint(excluded)
 
 
 def file_stat(path: Path, option: str) -> list[Any]:
@@ -126,8 +154,9 @@ class RecordSource:
     """Base of the file-based sources (COCO, Flickr30k, Visual Genome); see the module docstring."""
 
     name: ClassVar[str] = ""
+    id_kind: ClassVar[str | None] = None  # the dataset whose image ids `id` holds ("coco", "flickr", "vg")
     Config: ClassVar[type] = RecordsConfig
-    FORMAT_VERSION: ClassVar[int] = 1
+    FORMAT_VERSION: ClassVar[int] = 2  # 2: meta.json holds each record's ids in other datasets
     offered_splits: ClassVar[tuple[str, ...]] = SPLITS
     cache_options: ClassVar[tuple[str, ...]] = ()  # options (besides the files) that change what `read` yields
 
@@ -139,8 +168,9 @@ class RecordSource:
 
     @classmethod
     def read(cls, cfg: Any, hub: dict[str, Any] | None) -> Iterator[dict[str, Any] | Bad]:
-        """Records {"id", "split", "image" (path under root, or a row of hub[split]), "captions", "where", ...}
-        and Bad entries. `hub` maps each offered split to its hub dataset when `hf_id` is set."""
+        """Records {"id", "split", "image" (path under root, or a row of hub[split]), "captions", "where", ...;
+        optionally "other_ids": the image's ids in other datasets, {"coco": ...}} and Bad entries. `hub` maps each
+        offered split to its hub dataset when `hf_id` is set."""
         raise NotImplementedError
 
     @classmethod
@@ -213,18 +243,19 @@ class RecordSource:
             bad += unannotated
         problems = cls._image_problems(cfg, records, hub)
         bad += [Bad(problems[k], records[k].get("split"), records[k]["id"]) for k in sorted(problems)]
-        offsets, ids, splits = [], [], []
+        offsets, ids, splits, others = [], [], [], []
         with atomic_open(folder / "records.jsonl", "wb") as f:
             for k, r in enumerate(records):
                 if k not in problems:
                     offsets.append(f.tell())
                     ids.append(r["id"])
                     splits.append(r.get("split"))
+                    others.append(r.get("other_ids"))
                     f.write(json.dumps(r, ensure_ascii=False).encode() + b"\n")
         dirs = {str((Path(cfg.root) / p).resolve()) for p in {os.path.dirname(r["image"]) for r in records
                                                                if isinstance(r["image"], str)}}
         seconds = time.perf_counter() - start
-        meta = {"offsets": offsets, "ids": ids, "splits": splits, "bad": [asdict(b) for b in bad],
+        meta = {"offsets": offsets, "ids": ids, "splits": splits, "other_ids": others, "bad": [asdict(b) for b in bad],
                 "image_dirs": {d: os.stat(d).st_mtime_ns for d in sorted(dirs) if os.path.isdir(d)},
                 "stats": {"records": len(offsets), "bad": len(bad), "seconds": round(seconds, 2)}}
         with atomic_open(folder / "meta.json") as f:
@@ -270,9 +301,9 @@ class RecordSource:
         self.path = folder / "records.jsonl"
         excluded = read_ids(list(cfg.exclude_ids))
         keep, self.excluded = [], 0
-        for offset, stored, rid in zip(meta["offsets"], meta["splits"], meta["ids"]):
+        for offset, stored, rid, others in zip(meta["offsets"], meta["splits"], meta["ids"], meta["other_ids"]):
             if self.split_of(cfg, stored, rid) == split:
-                if norm_id(rid) in excluded:
+                if is_excluded(self.id_kind, rid, others, excluded):
                     self.excluded += 1
                 else:
                     keep.append(offset)
@@ -281,7 +312,8 @@ class RecordSource:
             raise ValueError(f"{self.name}/{split}: no usable images ({meta['stats']['records']} records prepared, "
                              f"{self.excluded} excluded, {len(meta['bad'])} bad) in {cfg.hf_id or cfg.root}")
         self.bad = BadRecords(cfg.skip_bad)
-        mine = [b["message"] for b in meta["bad"] if (b["id"] is None or norm_id(b["id"]) not in excluded)
+        mine = [b["message"] for b in meta["bad"] if (b["id"] is None or not is_excluded(self.id_kind, b["id"], None,
+                                                                                          excluded))
                 and self.split_of(cfg, b["split"], b["id"]) in (None, split)]
         for k, message in enumerate(mine):
             note = "" if cfg.skip_bad or k else (f" [{len(mine)} bad record(s) in {self.name}/{split}; "

@@ -141,6 +141,7 @@ class VisualGenome(RecordSource):
     """Visual Genome images with their scene graphs (boxes included) and captions; see the module docstring."""
 
     name = "visual_genome"
+    id_kind = "vg"
     cache_options = ("region_descriptions", "image_folders")
 
     @dataclass
@@ -208,7 +209,10 @@ class VisualGenome(RecordSource):
                 yield Bad(f"{path}: [{k}]: no int 'image_id' (or 'id')")
                 continue
             if kind == "image_data":
-                images[image] = (where, e.get("width"), e.get("height"), k)
+                # about 51k VG images are COCO images: their COCO id leaves them out where a COCO test set is
+                # excluded (None where the image is not one)
+                others = {d: e.get(f"{d}_id") for d in ("coco", "flickr") if isinstance(e.get(f"{d}_id"), int)}
+                images[image] = (where, e.get("width"), e.get("height"), k, others or None)
                 continue
             if image not in images:
                 yield Bad(f"{where}: image_id {image} is not in image_data", None, image)
@@ -223,13 +227,14 @@ class VisualGenome(RecordSource):
                 except ValueError as err:
                     yield Bad(f"{where}.{LIST_KEY[kind]}[{j}]: {err}", None, image)
         uncaptioned = 0
-        for image, (where, width, height, row) in images.items():
+        for image, (where, width, height, row, others) in images.items():
             graph, captions, parts = graphs.record(image, bool(cfg.region_descriptions))
             if not captions:
                 uncaptioned += 1
                 continue
             yield {"id": image, "split": None, "image": row if hub is not None else cls.image_path(cfg, image),
-                   "captions": captions, "parts": parts, "graph": graph, "size": [width, height], "where": where}
+                   "captions": captions, "parts": parts, "graph": graph, "size": [width, height], "where": where,
+                   "other_ids": others}
         if uncaptioned:
             log.warning("%s: %d images have nothing to caption (no relation, attribute or region): left out",
                         cls.name, uncaptioned)

@@ -157,6 +157,12 @@ def test_exclude_ids_from_a_benchmark_file(tmp_path):
     src = CocoKarpathy(cfg, "test")
     assert len(src) == len(test_ids) - 3 and src.report()["excluded_images"] == 3
     assert src[0].key.endswith(f"({test_ids[3]['filename']})")
+    # ARO's VG-Relation records name VG images (they carry a box): a COCO image with the same number stays
+    vgr = [{"image_id": test_ids[0]["cocoid"], "image_path": f"{test_ids[0]['cocoid']}.jpg", "bbox_x": 1, "bbox_y": 1,
+            "bbox_w": 5, "bbox_h": 5, "relation_name": "on", "true_caption": "a", "false_caption": "b"}]
+    (tmp_path / "vgr.json").write_text(json.dumps(vgr))
+    cfg = cfg_of(CocoKarpathy, tmp_path / "coco", tmp_path, exclude_ids=[str(tmp_path / "vgr.json")])
+    assert len(CocoKarpathy(cfg, "test")) == len(test_ids)
 
 
 def test_hub_datasets_map_to_the_same_samples(tmp_path):

@@ -81,6 +81,28 @@ def test_aro_images_are_excluded(tmp_path, caplog):
     assert "ARO's VG-Relation and VG-Attribution test images are in this training split" in caplog.text
 
 
+def test_coco_ids_leave_out_the_vg_images_that_are_those_coco_images_and_no_other(tmp_path):
+    """About 51k VG images are COCO images (image_data's coco_id): a COCO test file leaves those out, and never the
+    VG image whose own id happens to be the same number as an excluded COCO id."""
+    info = make_vg(tmp_path / "vg")
+    ids = [e["image_id"] for e in info["image_data"]]
+    data = json.loads((tmp_path / "vg" / "image_data.json").read_text())
+    data[4]["coco_id"] = 391895  # VG image ids[4] is COCO image 391895
+    (tmp_path / "vg" / "image_data.json").write_text(json.dumps(data))
+    assert ids[0] == 1  # a VG id that is also a COCO id in the file below
+    blip = [{"image": "val2014/COCO_val2014_000000391895.jpg", "caption": ["x"]},
+            {"image": "val2014/COCO_val2014_000000000001.jpg", "caption": ["y"]}]  # BLIP's Karpathy test file
+    sugar = {"0": {"filename": "000000391895.jpg", "caption": "x", "negative_caption": "y"}}  # SugarCrepe's
+    for name, content in (("coco_test.json", blip), ("sugarcrepe.json", sugar)):
+        (tmp_path / name).write_text(json.dumps(content))
+        src = VG(cfg_of(tmp_path / "vg", tmp_path, exclude_ids=[str(tmp_path / name)]), "train")
+        kept = {src.record(k)["id"] for k in range(len(src))}
+        assert kept == set(ids) - {ids[4]} and src.report()["excluded_images"] == 1, name
+    (tmp_path / "bare.txt").write_text(f"{ids[4]}\n")  # a bare id list names the source's own ids
+    src = VG(cfg_of(tmp_path / "vg", tmp_path, exclude_ids=[str(tmp_path / "bare.txt")]), "train")
+    assert ids[4] not in {src.record(k)["id"] for k in range(len(src))} and len(src) == len(ids) - 1
+
+
 def test_bad_input_is_named_and_skip_bad_counts_it(tmp_path):
     info = make_vg(tmp_path / "vg", bad=True)
     ids = [e["image_id"] for e in info["image_data"]]
