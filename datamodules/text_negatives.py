@@ -76,10 +76,13 @@ def relation_negative(p: ParsedCaption) -> str | None:
 
 def attribute_negative(p: ParsedCaption) -> str | None:
     """Two attributes of different objects exchanged ("a red car next to a blue bus" -> "a blue car next to a red
-    bus"); numerals only with numerals. None when no two objects have different attributes of one kind."""
+    bus"); numerals only with numerals. None when no two objects have different attributes of one kind. Objects
+    of one name are not paired: "a white cat and a black cat" swapped says the same thing (and where a relation
+    tells them apart, the swap is the relation swap, which `relation_negative` leaves out for one name too)."""
     objects = range(len(p.graph.objects))
+    names = [o.name.lower() for o in p.graph.objects]
     for i in objects:
-        for j in (j for j in objects if j > i):
+        for j in (j for j in objects if j > i and names[j] != names[i]):
             for a in p.attribute_words[i]:
                 for b in p.attribute_words[j]:
                     if (p.xpos[a] == "CD") == (p.xpos[b] == "CD") and p.words[a].lower() != p.words[b].lower():

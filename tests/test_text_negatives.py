@@ -36,6 +36,19 @@ EXTRA = """# text = Man riding an elephant.
 # text = Dogs
 1\tDogs\tdog\tNOUN\tNNS\t_\t0\troot\t_\t_
 
+# text = A white cat and a black cat on a bed.
+1\tA\ta\tDET\tDT\t_\t3\tdet\t_\t_
+2\twhite\twhite\tADJ\tJJ\t_\t3\tamod\t_\t_
+3\tcat\tcat\tNOUN\tNN\t_\t0\troot\t_\t_
+4\tand\tand\tCCONJ\tCC\t_\t7\tcc\t_\t_
+5\ta\ta\tDET\tDT\t_\t7\tdet\t_\t_
+6\tblack\tblack\tADJ\tJJ\t_\t7\tamod\t_\t_
+7\tcat\tcat\tNOUN\tNN\t_\t3\tconj\t_\t_
+8\ton\ton\tADP\tIN\t_\t10\tcase\t_\t_
+9\ta\ta\tDET\tDT\t_\t10\tdet\t_\t_
+10\tbed\tbed\tNOUN\tNN\t_\t3\tnmod\t_\tSpaceAfter=No
+11\t.\t.\tPUNCT\t.\t_\t3\tpunct\t_\t_
+
 """
 
 
@@ -75,6 +88,8 @@ def test_relation_negative(parsed, text, expected):
     ("The cat and the dog are black.", None),  # the same attribute on both
     ("Three people standing next to a parked car.", None),  # a numeral never swaps with an adjective
     ("A man riding a horse.", None),
+    # two objects of one name: the swap would say the same ("a black cat and a white cat"), so it is no negative
+    ("A white cat and a black cat on a bed.", None),
 ])
 def test_attribute_negative(parsed, text, expected):
     assert attribute_negative(parsed[text]) == expected
