@@ -32,6 +32,8 @@ Relations (subject, predicate, object); a verb is named by its lemma plus its pa
      a modifier after the last conjunct is shared: "a dog and a cat on a bed" -> (dog, on, bed), (cat, on, bed)
   R10 a verb without a subject takes its head verb's (conj, xcomp, advcl):
                                             "a man sitting on a bench reading a book" -> (man, read, book)
+      an xcomp whose head verb has an object takes that object (object control):
+                                            "a man watching a dog catch a frisbee" -> (dog, catch, frisbee)
   R11 possessive nmod:poss:                 "a dog's collar"                  -> (dog, have, collar)
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any
 
 from datamodules.graph import Entity, Relation, SceneGraph
 
-RULES_VERSION = "1"  # bump whenever a rule changes: it is part of every cache key
+RULES_VERSION = "2"  # 2: object control (R10). Bump whenever a rule changes: it is part of every cache key
 NOUNS = ("NOUN", "PROPN")
 VERBS = ("VERB", "AUX")
 PREP_NOUNS = frozenset({"front", "top", "left", "right", "side", "middle", "back", "bottom", "edge", "center", "centre",
@@ -205,6 +207,10 @@ class _Tree:
             return []
         if self.w[v].deprel == "acl" and self.resolve(h) is not None:
             return self.resolved(self.shared(h, v), expand=False)
+        if self.base(v) == "xcomp" and self.w[h].upos in VERBS:  # object control: "watching a dog catch a ..."
+            controller = self.resolved(self.children(h, "obj") or self.children(h, "iobj"))
+            if controller:
+                return controller
         if self.base(v) in ("conj", "xcomp", "advcl") and self.w[h].upos in (*VERBS, "ADJ"):
             return self.subjects(h, depth + 1)
         return []
