@@ -209,7 +209,11 @@ class ParseCache:
             index: dict[str, tuple[dict, str]] = {}
             for shard in sorted((self.root / version).glob("*.jsonl")):
                 bad: list[str] = []
-                for n, line in enumerate(shard.read_text(encoding="utf-8").splitlines(), start=1):
+                # lines end at "\n" only: a caption may hold U+2028 or U+0085, which json.dumps leaves as they are
+                # and str.splitlines would split at
+                for n, line in enumerate(shard.read_text(encoding="utf-8").split("\n"), start=1):
+                    if not line:
+                        continue
                     try:
                         rec = json.loads(line)
                         if not isinstance(rec, dict) or rec.get("key") != self.key(rec["parse"]["text"], version):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,24 @@ def test_second_parse_comes_from_the_cache(tmp_path, sentences):
     assert again.tag(["The cat is on the mat."]) == [[("The", "DT"), ("cat", "NN"), ("is", "VBZ"), ("on", "IN"),
                                                       ("the", "DT"), ("mat", "NN"), (".", ".")]]
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_captions_with_unicode_line_separators_are_read_back_from_the_cache(tmp_path, sentences):
+    """json.dumps leaves U+2028 and U+0085 as they are; the cache splits lines at "\\n" only, so such a caption is
+    read back, not reported corrupt and parsed again on every run."""
+    from stanza.utils.conll import CoNLL
+
+    text = "Dogs\u2028run\u0085fast"
+    conllu = (f"# text = {text}\n1\tDogs\tdog\tNOUN\tNNS\t_\t2\tnsubj\t_\t_\n2\trun\trun\tVERB\tVBP\t_\t0\troot\t_\t_\n"
+              f"3\tfast\tfast\tADV\tRB\t_\t2\tadvmod\t_\t_\n\n")
+    odd = dict(sentences, **{text: CoNLL.conll2doc(input_str=conllu).sentences[0]})
+    first, _ = parser_with(tmp_path, odd)
+    first.parse([text, "The cat is on the mat."])
+    again, backend = parser_with(tmp_path, odd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a corrupt-line warning would fail here
+        assert [p.text for p in again.parse([text, "The cat is on the mat."])] == [text, "The cat is on the mat."]
+    assert backend.calls == [] and again.counts["cached"] == 2
 
 
 def test_a_new_version_parses_again(tmp_path, sentences):
