@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import configs
 from configs.files import keep_aside, new_folder, write_atomic
@@ -210,7 +210,10 @@ def saved_config(run_dir: Path) -> DictConfig:
     missing = [k for k in ("seed", "method", "model", "data", "trainer", "optim") if k not in saved]
     if missing or "name" not in saved.method:
         raise configs.ConfigError(f"{path}: a run's config without {', '.join(missing) or 'method.name'} (truncated?)")
-    return configs._merge(compose_train([f"method={saved.method.name}"]), saved, str(path))
+    base = compose_train([f"method={saved.method.name}"])
+    # the data slot typed for the run's own source (the default group's would refuse another source's options)
+    OmegaConf.update(base, "data", data_schema(str(saved.data.get("source")), saved.data), merge=False)
+    return configs._merge(base, saved, str(path))
 
 
 def plan_resume(run_dir: str | Path) -> tuple[DictConfig, Path, Path | None]:

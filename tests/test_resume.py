@@ -120,6 +120,21 @@ def test_a_finished_run_is_not_continued_and_a_changed_config_is_refused(tmp_pat
     assert "not a run folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("data", ["coco", "coco2017", "flickr30k", "vg", "negclip_coco", "shapes_forward"])
+def test_a_run_on_any_data_source_reads_its_own_config_back(tmp_path, data):
+    """resume=, run_dir= and make bench read a run's config.yaml over today's schema: the data slot must take the
+    run's own source's options (a COCO run's `root`), not the default shapes world's."""
+    import configs
+    from methods.train import compose_train, config_differences, saved_config
+
+    cfg = compose_train([f"data={data}", f"runs_dir={tmp_path}", "method=negclip"])
+    run = tmp_path / "run"
+    run.mkdir()
+    configs.save(cfg, run / "config.yaml")
+    again = saved_config(run)
+    assert again.data.source == cfg.data.source and config_differences(again, cfg) == []
+
+
 def test_resume_passes_over_damaged_checkpoints_and_never_unpickles(tmp_path, make_cfg, capsys):
     import pickle
 
