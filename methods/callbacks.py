@@ -159,6 +159,28 @@ class DataReport(L.Callback):
         self.write(trainer)
 
 
+class FinishValidationOnSigterm(L.Callback):
+    """A preemption signal (SIGTERM) that arrives while a fit validates lets that validation finish first; the
+    stop then comes at the next point Lightning checks for it (the end of the epoch, or the next training batch).
+
+    Lightning stops a validation at the end of the batch in flight, and its checkpoint then reads, on restart,
+    as a validation that ran: the resumed run goes on without it, logs no val/loss for that epoch, and best.ckpt
+    misses it. The validation split is small next to a training epoch, so finishing it costs little of the
+    grace time a scheduler gives. (Lightning's flag has no public setter: `_signal_connector` is read here.)"""
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        connector = trainer._signal_connector
+        if trainer.state.fn == "fit" and connector.received_sigterm:
+            self.pending, connector.received_sigterm = True, False
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.pending:
+            self.pending, trainer._signal_connector.received_sigterm = False, True
+
+
 class InterruptCheckpoint(L.Callback):
     """`path` (interrupted.ckpt) when an error or a preemption signal (SIGTERM) ends training, written by the
     processes that hold the trained state; removed when the run ends normally.

@@ -36,7 +36,8 @@ from configs.files import keep_aside, new_folder, write_atomic
 from configs.schema import TrainerConfig
 from datamodules import CaptionDataModule, data_schema
 from methods import METHODS, method_schema
-from methods.callbacks import DataReport, ExactResume, InterruptCheckpoint, LossBar, StepCheckpoint, Throughput
+from methods.callbacks import (DataReport, ExactResume, FinishValidationOnSigterm, InterruptCheckpoint, LossBar,
+                              StepCheckpoint, Throughput)
 from methods.checkpoints import AtomicCheckpointIO, resume_checkpoint
 
 SCHEMAS = {"method": method_schema, "data": data_schema}
@@ -286,6 +287,7 @@ def run_trainer(cfg: DictConfig, run_dir: Path, throughput: Throughput) -> L.Tra
             *periodic,
             # an exception or a preemption signal (SIGTERM) writes interrupted.ckpt before the process ends
             InterruptCheckpoint(ckpt_dir / "interrupted.ckpt"),
+            FinishValidationOnSigterm(),
             LearningRateMonitor(logging_interval="step"),
             ExactResume(cfg.seed),
             throughput,

@@ -101,6 +101,41 @@ def test_killed_mid_epoch_twice_resumes_to_the_uninterrupted_result(tmp_path, on
     assert len(json.loads((run / "environment.json").read_text())) == 3  # started, continued, resumed
 
 
+def test_a_sigterm_during_validation_finishes_it_and_the_resumed_run_keeps_every_epochs_val_loss(
+        tmp_path, one_thread, monkeypatch):
+    """A preemption while the first epoch validates: that validation completes (its val/loss is logged and best.ckpt
+    sees it), the run stops at the epoch's end, and the resumed run ends as the uninterrupted one."""
+    from methods.base import ContrastiveMethod
+
+    ref = tmp_path / "ref"
+    assert train_main([f"run_dir={ref}", *ARGS, "trainer.checkpoint_every_n_steps=0"]) == 0
+    step = ContrastiveMethod.validation_step
+
+    def signalled(self, batch, batch_idx):
+        if self.trainer.current_epoch == 0 and batch_idx == 0 and not self.trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler notes it; the batch goes on
+        return step(self, batch, batch_idx)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(ContrastiveMethod, "validation_step", signalled)
+    assert train_main([f"run_dir={run}", *ARGS, "trainer.checkpoint_every_n_steps=0"]) == 128 + signal.SIGTERM
+    monkeypatch.setattr(ContrastiveMethod, "validation_step", step)
+    assert read_checkpoint(run / "checkpoints" / "interrupted.ckpt")["global_step"] == PER_EPOCH
+    assert train_main([f"resume={run}"]) == 0
+
+    def val_rows(folder: Path) -> dict[int, float]:
+        rows = {}
+        for path in sorted(folder.glob("metrics.part*.csv")) + [folder / "metrics.csv"]:
+            with open(path) as f:
+                rows |= {int(r["epoch"]): float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")}
+        return rows
+
+    assert sorted(val_rows(run)) == sorted(val_rows(ref)) == [0, 1]  # no epoch's validation is lost
+    assert val_rows(run) == pytest.approx(val_rows(ref), rel=1e-5)
+    best = [read_checkpoint(r / "checkpoints" / "best.ckpt")["global_step"] for r in (ref, run)]
+    assert best[0] == best[1]
+
+
 def test_a_finished_run_is_not_continued_and_a_changed_config_is_refused(tmp_path, make_cfg, capsys):
     import configs
 
