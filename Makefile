@@ -39,7 +39,7 @@ setup: $(VENV)/.ok ## create .venv and install the project with its dev extra
 train: $(VENV)/.ok ## train METHOD (default clip) on the default config; ARGS="optim.lr=1e-3 ..."; RESUME=<run folder> continues a run
 	$(PY) -m methods.train $(if $(RESUME),resume=$(RESUME) $(ARGS),method=$(METHOD) $(ARGS))
 
-bench: $(VENV)/.ok ## evaluate the latest run of every method (or RUNS="dir dir") on BENCH (default syn), print the table
+bench: $(VENV)/.ok ## evaluate the latest finished run of every method (or RUNS="dir dir") on BENCH (default syn), print the table
 	$(PY) -m benchmarks.run bench=$(BENCH) $(if $(strip $(RUNS)),runs=[$(subst $(space),$(comma),$(strip $(RUNS)))]) \
 		$(if $(DATA_ROOT),bench.data_root=$(DATA_ROOT)) $(ARGS)
 

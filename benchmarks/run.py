@@ -30,8 +30,17 @@ from methods.train import cpu_kernels, saved_config
 SCHEMAS = {"model": lambda name, node: OmegaConf.structured(ModelConfig)}
 
 
+def finished_at(run: Path) -> str | None:
+    """When the run finished ("YYYY-mm-dd HH:MM:SS" from done.json, which is written last); None if it has not."""
+    try:
+        return str(json.loads((run / "done.json").read_text())["finished"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def find_runs(cfg: DictConfig) -> list[Path]:
-    """The runs named in cfg.runs, or the latest run (by folder name, a timestamp) of each method."""
+    """The runs named in cfg.runs, or of each method the run that finished last (done.json; a run still training
+    or stopped is never picked for you, and a run_dir of any name competes on its finish time)."""
     if cfg.runs:
         runs = [Path(r) for r in cfg.runs]
         for r in runs:
@@ -39,13 +48,18 @@ def find_runs(cfg: DictConfig) -> list[Path]:
                 raise FileNotFoundError(f"{r}: not a run folder (no config.yaml)")
         return runs
     root = Path(cfg.runs_dir)
-    found = []
+    found, unfinished = [], []
     for method_dir in sorted(p for p in root.glob("*") if p.is_dir()):
-        done = sorted(r for r in method_dir.iterdir() if (r / "checkpoints" / f"{cfg.ckpt}.ckpt").is_file())
+        runs = [r for r in method_dir.iterdir() if (r / "checkpoints" / f"{cfg.ckpt}.ckpt").is_file()]
+        done = sorted((finished_at(r), r.name, r) for r in runs if finished_at(r) is not None)
+        unfinished += [r for r in runs if finished_at(r) is None]
         if done:
-            found.append(done[-1])
+            found.append(done[-1][2])
     if not found:
-        raise FileNotFoundError(f"no run with a '{cfg.ckpt}' checkpoint under {root}/; train one first (make train)")
+        more = (f" ({len(unfinished)} unfinished, e.g. {sorted(unfinished)[-1]}: continue it with make train "
+                f"RESUME=..., or name it with RUNS=... to evaluate its checkpoint as it is)") if unfinished else ""
+        raise FileNotFoundError(f"no finished run with a '{cfg.ckpt}' checkpoint under {root}/{more}; "
+                                f"train one first (make train)")
     return found
 
 
@@ -78,6 +92,9 @@ def bench_run(run: Path, cfg: DictConfig, device: torch.device, details_dir: Pat
     say which torch and open_clip trained it (a table mixing builds shows each)."""
     module, run_cfg = load_run(run, cfg.ckpt, device)
     rows, families, notes = bench_module(module, run_cfg, cfg, str(run), run.name, details_dir)
+    if finished_at(run) is None:
+        step = read_checkpoint(run / "checkpoints" / f"{cfg.ckpt}.ckpt", mmap=True).get("global_step")
+        notes.append(f"{run}: not finished (no done.json); its {cfg.ckpt} checkpoint is from step {step}")
     return rows, families, notes + [n for n in trained_with(run) if n not in notes]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -59,9 +60,21 @@ def test_bench_finds_the_latest_run_of_each_method(make_cfg, tmp_path, capsys):
     cfg = make_cfg("trainer.limit_train_batches=1", "trainer.limit_val_batches=1")
     train(cfg)
     latest = train(cfg)
+    # a run stopped (or still training) whose folder name sorts last, and a run_dir of another name that finished
+    # earlier: neither is picked, the run that finished last is
+    stopped, custom = latest.parent / "99991231-235959", latest.parent / "zz-my-experiment"
+    shutil.copytree(latest, stopped)
+    (stopped / "done.json").unlink()
+    shutil.copytree(latest, custom)
+    done = json.loads((custom / "done.json").read_text())
+    (custom / "done.json").write_text(json.dumps(done | {"finished": "2000-01-01 00:00:00"}))
     assert bench_main([f"runs_dir={cfg.runs_dir}", f"out_dir={tmp_path / 'r'}", "bench.benchmarks=[syn_relation]"]) == 0
     out = capsys.readouterr().out
     assert str(latest) in out and out.count("| clip |") == 1
+    # named, an unfinished run is evaluated, and the report says it had not finished
+    assert bench_main([f"runs=[{stopped}]", f"out_dir={tmp_path / 'r2'}", "bench.benchmarks=[syn_relation]"]) == 0
+    (report,) = (tmp_path / "r2").iterdir()
+    assert f"{stopped}: not finished (no done.json)" in (report / "results.md").read_text()
 
 
 def test_bench_without_runs_says_what_to_do(tmp_path, capsys):
