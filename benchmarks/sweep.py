@@ -8,7 +8,9 @@ product, and `method: all` means every registered method) and `seeds`. Each cell
 <out_dir>/<name>/cells/<cell>/run/ and writes result.json when benchmarked; a sweep started again skips
 the cells that finished, benchmarks a cell whose run finished, and continues the rest from their last
 checkpoints (a cell job printed by --print-commands and requeued after a kill does the same). The cell folder's
-name carries a hash of the cell's overrides, so changed settings never reuse old results.
+name carries a hash of the cell's overrides, so changed settings never reuse old results; result.json records
+the bench config it was made with, and a cell whose result came from another one is benchmarked again (its run
+is not trained again; the old result is kept as result.other-bench-<k>.json).
 """
 from __future__ import annotations
 
@@ -109,14 +111,20 @@ def read_result(cell_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def bench_key(bench_cfg: Any) -> dict[str, Any]:
+    """What a cell's result depends on besides its training run: the benchmarks and the checkpoint evaluated."""
+    return {"bench": OmegaConf.to_container(bench_cfg.bench, resolve=True), "ckpt": bench_cfg.ckpt}
+
+
 def run_cell(cell_dir: Path, overrides: list[str], bench_cfg: Any) -> dict[str, Any]:
     """Train (unless a finished run is there; continuing an unfinished one) and benchmark one cell;
-    result.json marks it done."""
+    result.json marks it done, with the bench config it was made with."""
     run = finished_run(cell_dir)
     if run is None:
         run = train(compose_train(overrides + cell_run_args(cell_dir)))
     rows, families, notes = bench_run(run, bench_cfg, device_for(bench_cfg.device))
-    result = {"overrides": overrides, "run": str(run), "rows": rows, "families": families, "notes": notes}
+    result = {"overrides": overrides, "run": str(run), "rows": rows, "families": families, "notes": notes,
+              "bench": bench_key(bench_cfg)}
     write_atomic(cell_dir / "result.json", json.dumps(result, indent=2))
     return result
 
@@ -228,6 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, point, overrides in todo:
         cell_dir = root / name
         done = read_result(cell_dir)
+        if done is not None and done.get("bench") != bench_key(bench_cfg):
+            # benchmarked with another bench config (the cell's name holds only its training overrides): its run
+            # is benchmarked again, the old result kept beside it
+            aside = keep_aside(cell_dir / "result.json", "other-bench")
+            print(f"[sweep] {name}: its result came from another bench config (kept as {aside.name}); "
+                  "benchmarking its run again")
+            done = None
         if done is not None:
             print(f"[sweep] {name}: done before, skipped")
             results.append((point, done))

@@ -58,12 +58,12 @@ def write_atomic(path: str | Path, text: str) -> None:
         f.write(text)
 
 
-def keep_aside(path: str | Path) -> Path:
-    """Rename a damaged file to `<stem>.damaged-<k><suffix>` beside it, the first k not taken (an earlier damaged
-    copy is never replaced), and return the new path."""
+def keep_aside(path: str | Path, why: str = "damaged") -> Path:
+    """Rename a file (damaged, or superseded) to `<stem>.<why>-<k><suffix>` beside it, the first k not taken (an
+    earlier copy is never replaced), and return the new path."""
     path = Path(path)
     k = 1
-    while (aside := path.with_name(f"{path.stem}.damaged-{k}{path.suffix}")).exists():
+    while (aside := path.with_name(f"{path.stem}.{why}-{k}{path.suffix}")).exists():
         k += 1
     path.rename(aside)
     return aside

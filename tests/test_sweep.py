@@ -52,6 +52,19 @@ def test_killed_sweep_skips_finished_cells(tmp_path, capsys):
     header = (report / "results.csv").read_text().splitlines()[0]
     assert "syn_relation,syn_relation std" in header
 
+    # a cell benchmarked under another bench config (its name holds only the training overrides): its run is
+    # benchmarked again, not trained again, and the old result stays beside the new one, never reported
+    result = json.loads((cells[0] / "result.json").read_text())
+    assert result["bench"]["bench"]["name"] == "syn" and result["bench"]["ckpt"] == "best"
+    result["bench"]["bench"]["benchmarks"] = ["syn_relation"]
+    (cells[0] / "result.json").write_text(json.dumps(result))
+    assert sweep_main([sweep]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done before, skipped") == 3 and "came from another bench config" in out
+    assert (cells[0] / "result.other-bench-1.json").is_file()
+    assert json.loads((cells[0] / "result.json").read_text())["bench"]["bench"]["benchmarks"] != ["syn_relation"]
+    assert (cells[0] / "run" / "done.json").stat().st_mtime_ns == trained
+
 
 def test_compare_has_a_row_per_method_baseline_first(tmp_path, capsys):
     sweep = write_sweep(tmp_path / "c.yaml", name="compare", base=TINY_ARGS + [f"cache_dir={tmp_path / 'c'}"],
