@@ -23,12 +23,34 @@ def register_arch(name: str, arch: dict[str, Any]) -> None:
         open_clip.add_model_config(path)
 
 
+def check_arch(arch: dict[str, Any]) -> None:
+    """Raise ConfigError naming a key of `model.arch` that open_clip's CLIP does not take, with the valid ones (open_clip
+    itself stops with a TypeError from deep inside its constructors)."""
+    import dataclasses
+    import inspect
+
+    from configs import ConfigError
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    valid = {"": set(inspect.signature(CLIP.__init__).parameters) - {"self"} | {"custom_text", "multimodal_cfg"},
+             "vision_cfg": {f.name for f in dataclasses.fields(CLIPVisionCfg)},
+             "text_cfg": {f.name for f in dataclasses.fields(CLIPTextCfg)}}
+    for part, keys in valid.items():
+        node = arch if not part else arch.get(part) or {}
+        unknown = sorted(set(node) - keys)
+        if unknown:
+            where = f"model.arch.{part}" if part else "model.arch"
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(keys))}")
+
+
 def create_backbone(cfg: DictConfig) -> tuple[torch.nn.Module, Callable, Callable, Callable]:
     """(model, preprocess_train, preprocess_val, tokenizer) for an open_clip name with a tag, a file, a
     `local-dir:` folder or nothing (methods/pretrained.py says which, before anything is built)."""
     plan = plan_weights(cfg.name, cfg.pretrained)
     if cfg.arch is not None and not plan.name.startswith(LOCAL_DIR):  # a local-dir folder brings its own
-        register_arch(cfg.name, OmegaConf.to_container(cfg.arch, resolve=True))
+        arch = OmegaConf.to_container(cfg.arch, resolve=True)
+        check_arch(arch)
+        register_arch(cfg.name, arch)
     with warnings.catch_warnings():
         # open_clip only warns when OpenAI weights meet a GELU model; results silently change, so fail instead
         warnings.filterwarnings("error", message=".*QuickGELU mismatch.*")

@@ -320,7 +320,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None =
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
     throughput = Throughput(run_dir)
     trainer = run_trainer(cfg, run_dir, throughput)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    except SIGTERMException as e:
+        e.run_dir = run_dir  # type: ignore[attr-defined]  # for the message that says how to continue
+        raise
     if trainer.is_global_zero:
         mark_done(run_dir, trainer)
         s = throughput.summary()
@@ -338,16 +342,19 @@ def main(argv: list[str] | None = None) -> int:
             if len(argv) > 1:
                 raise configs.ConfigError("resume=<run> takes no other arguments: the run's own config.yaml is used")
             cfg, run_dir, ckpt = plan_resume(resume_from[0])
-        else:
-            cfg = compose_train(argv)
-            run_dir, ckpt = open_run(cfg)
+        else:  # the run folder is opened by `train` once the model and data are built: a bad model leaves none
+            cfg, run_dir, ckpt = compose_train(argv), None, None
+            configs.validate(cfg)
     except (configs.ConfigError, KeyError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     try:
         train(cfg, run_dir=run_dir, ckpt_path=ckpt)
-    except SIGTERMException:  # a preemption: the checkpoint is written; say so, and exit as killed by SIGTERM
-        print(f"stopped by SIGTERM; continue with: python -m methods.train resume={run_dir}", file=sys.stderr)
+    except (configs.ConfigError, FileExistsError) as e:  # the model's config, or a run_dir that cannot be used
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    except SIGTERMException as e:  # a preemption: the checkpoint is written; say so, and exit as killed by SIGTERM
+        print(f"stopped by SIGTERM; continue with: python -m methods.train resume={e.run_dir}", file=sys.stderr)
         return 128 + signal.SIGTERM
     return 0
 

@@ -61,6 +61,15 @@ def test_unknown_key_is_rejected_with_the_valid_keys():
         compose_train(["nosuch=1"])
 
 
+def test_unknown_model_arch_key_lists_open_clips_keys_and_leaves_no_run_folder(tmp_path, capsys):
+    assert main(["model=tiny", "model.arch.vision_cfg.bogus=1", f"runs_dir={tmp_path / 'runs'}", "trainer=debug"]) == 2
+    err = capsys.readouterr().err
+    assert "model.arch.vision_cfg: unknown key(s) bogus" in err and "patch_size" in err
+    assert not (tmp_path / "runs").exists()  # refused before a folder is made
+    assert main(["model=tiny", "model.arch.depth=3", f"runs_dir={tmp_path / 'runs'}", "trainer=debug"]) == 2
+    assert "model.arch: unknown key(s) depth" in capsys.readouterr().err
+
+
 def test_wrong_type_is_rejected():
     with pytest.raises(configs.ConfigError, match="optim.lr"):
         compose_train(["optim.lr=fast"])
