@@ -77,7 +77,9 @@ class Throughput(L.Callback):
     training ends), so measuring makes the host wait for nothing; the time a step waits for data shows up
     as the device idling between steps. Elsewhere the host clock times the steps. The per-step value logged
     as `train/samples_per_sec` is always the host clock's (on a GPU, the host runs ahead and the value is
-    rough; throughput.json has the device's)."""
+    rough; throughput.json has the device's). The warm-up is counted from each start of the process, so a continued
+    run leaves out its own first steps (start-up, workers) too, and throughput.json keeps each earlier attempt's
+    figures under "earlier_attempts"."""
 
     def __init__(self, run_dir: str | Path | None, warmup: int = 5) -> None:
         self.path = Path(run_dir) / "throughput.json" if run_dir is not None else None
@@ -86,6 +88,7 @@ class Throughput(L.Callback):
         self.events: list[list[Any]] = []  # per stretch of consecutive training steps: CUDA events at their ends
         self.last: float | None = None
         self.samples = 0
+        self.seen = 0  # training steps since this process started
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.last = None  # the gap across validation and epoch ends is not a training step
@@ -95,7 +98,8 @@ class Throughput(L.Callback):
                            batch_idx: int) -> None:
         now = time.perf_counter()
         self.samples = batch["image"].shape[0] * trainer.world_size
-        if trainer.global_step <= self.warmup:  # a measured step starts after the warm-up's last one ended
+        self.seen += 1
+        if self.seen <= self.warmup:  # a measured step starts after the warm-up's last one ended
             return
         if module.device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
@@ -127,11 +131,20 @@ class Throughput(L.Callback):
             "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         }
 
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.training or trainer.validating:  # a stopped attempt's figures, kept when the run continues
+            self.on_train_end(trainer, module)
+
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.is_global_zero and self.path is not None:
             info = self.summary() | {"accelerator": type(trainer.accelerator).__name__, "world_size": trainer.world_size,
                                      "precision": str(trainer.precision)}
-            write_atomic(self.path, json.dumps(info, indent=2))
+            try:  # an earlier attempt of this run (stopped, then continued) keeps its figures
+                old = json.loads(self.path.read_text())
+                earlier = old.pop("earlier_attempts", []) + [old]
+            except (OSError, ValueError, AttributeError):
+                earlier = []
+            write_atomic(self.path, json.dumps(info | ({"earlier_attempts": earlier} if earlier else {}), indent=2))
 
 
 class DataReport(L.Callback):

@@ -134,6 +134,10 @@ def test_a_sigterm_during_validation_finishes_it_and_the_resumed_run_keeps_every
     assert val_rows(run) == pytest.approx(val_rows(ref), rel=1e-5)
     best = [read_checkpoint(r / "checkpoints" / "best.ckpt")["global_step"] for r in (ref, run)]
     assert best[0] == best[1]
+    # throughput.json: the continued attempt's figures, its own first steps left out, and the stopped attempt's kept
+    speed = json.loads((run / "throughput.json").read_text())
+    (first,) = speed["earlier_attempts"]
+    assert first["measured_steps"] == PER_EPOCH - 5 - 1 and speed["measured_steps"] == PER_EPOCH - 5 - 1
 
 
 def test_a_finished_run_is_not_continued_and_a_changed_config_is_refused(tmp_path, make_cfg, capsys):
