@@ -15,6 +15,7 @@ import torch
 from configs.registry import Registry
 from datamodules.decoded import image_size
 from datamodules.graph import Box, Entity, SceneGraph, indefinite
+from datamodules.negatives import mentions
 from datamodules.source import Sample, Source
 
 
@@ -136,7 +137,7 @@ def graph_texts_field(sample: Sample, caption_index: int, ctx: FieldContext) -> 
     triple itself); `triple_key`, `triple_valid` (T,); `triple_args` (T, 2) subject and object entity slots."""
     e_max, t_max = ctx.options.get("max_entities", 4), ctx.options.get("max_triples", 4)
     attributes, use_boxes = ctx.options.get("triple_attributes", True), ctx.options.get("use_boxes", True)
-    words = sample.extra.get("predicate_phrases", {})
+    words, held_out = sample.extra.get("predicate_phrases", {}), sample.extra.get("held_out", ())
     graph = caption_graph_field(sample, caption_index, ctx) or SceneGraph()
     objects = graph.objects[:e_max]
     boxes = [crop_box(e.box, image_size(sample.image)) if use_boxes and e.box is not None else None for e in objects]
@@ -149,7 +150,7 @@ def graph_texts_field(sample: Sample, caption_index: int, ctx: FieldContext) -> 
         corrupt = relation_text(Entity(s.name, o.attributes), p, Entity(o.name, s.attributes), attributes)
         triples.append(text)
         hard += [swapped, corrupt]
-        hard_valid.append([swapped != text, corrupt != text])
+        hard_valid.append([swapped != text, corrupt != text and not mentions(corrupt, held_out)])
         args.append([r.subject, r.object])
     pad = lambda texts, n: texts + [""] * (n - len(texts))  # noqa: E731
     n_e, n_t = len(entities), len(triples)

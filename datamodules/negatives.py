@@ -6,6 +6,8 @@ part-of-speech tags (Penn tags: NN* nouns, JJ* adjectives) and may return the or
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from datamodules.graph import Relation, SceneGraph
@@ -26,6 +28,11 @@ def swap_attributes(graph: SceneGraph, i: int = 0, j: int = 1) -> SceneGraph:
     objects[i] = type(a)(a.name, b.attributes, a.box)
     objects[j] = type(b)(b.name, a.attributes, b.box)
     return graph.with_objects(tuple(objects))
+
+
+def mentions(text: str, phrases: tuple[str, ...] | list[str]) -> bool:
+    """Whether `text` says any of `phrases` as whole words ("a small red square" mentions "red square")."""
+    return any(re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", text) for p in phrases)
 
 
 def _is_noun(tag: str) -> bool:

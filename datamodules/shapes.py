@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from datamodules.graph import Entity, Relation, SceneGraph, indefinite
-from datamodules.negatives import order_negatives, swap_attributes, swap_relation
+from datamodules.negatives import mentions, order_negatives, swap_attributes, swap_relation
 from datamodules.source import SOURCES, SPLITS, Sample
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
@@ -267,7 +267,13 @@ class ShapesWorld:
         shuffles = [s for s in order_negatives(list(words), list(tags), rng) if s != caption]
         if shuffles:
             out["shuffle"] = shuffles[int(rng.integers(len(shuffles)))]
-        return out
+        # a held-out pair is never shown in training, not even as a negative ("a red square" after a swap)
+        return {k: v for k, v in out.items() if not mentions(v, self.held_out)}
+
+    @property
+    def held_out(self) -> tuple[str, ...]:
+        """The colour-shape pairs training never shows (`holdout`), in this split; none outside train."""
+        return tuple(self.cfg.holdout) if self.split == "train" else ()
 
     def partial_captions(self, graph: SceneGraph) -> list[str]:
         """True captions of part of the scene: each mentioned object alone, each relation without attributes."""
@@ -294,5 +300,7 @@ class ShapesWorld:
                 "predicate_phrases": PREDICATE_PHRASES,
                 # caption index -> {kind: false caption}, made only when a method asks for it
                 "negative_captions": lambda k: self.negative_captions(graph, *forms[k], seed=index * 8 + k),
+                # phrases no text of this sample may say (held-out pairs, in train): fields leave such texts out
+                "held_out": self.held_out,
             },
         )

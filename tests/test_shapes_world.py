@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from tests_support import PHRASE, CONVERSE, PREDICATE_OF_PHRASE, CLAUSE
@@ -283,6 +284,39 @@ def test_holdout_pairs_are_never_mentioned_in_training_but_appear_in_test(sizes)
     # without the holdout the same training stream does show them: the filter is doing the work
     plain = ShapesWorld(ShapesWorld.Config(sizes=sizes), "train")
     assert any(drawn_pairs(plain[i].graph) & set(HOLDOUT) for i in range(300))
+
+
+def test_holdout_pairs_are_never_said_by_a_training_negative():
+    """Swapped attributes or nouns can put a held-out pair into a negative caption, and swapped attributes into
+    MSG-CLIP's corrupted triple: in train such texts are left out (in test they may appear)."""
+    import random
+
+    from datamodules.fields import FieldContext, graph_texts_field
+
+    def said(world, n=300):
+        negatives = [v for i in range(n) for k in range(len(world[i].captions))
+                     for v in world[i].extra["negative_captions"](k).values()]
+        return [v for v in negatives if any(p in v for p in HOLDOUT)], len(negatives)
+
+    train = ShapesWorld(ShapesWorld.Config(holdout=list(HOLDOUT)), "train")
+    leaked, total = said(train)
+    assert leaked == [] and total > 1000
+    assert said(ShapesWorld(ShapesWorld.Config(), "train"))[0]  # without the holdout they are said: the filter works
+    assert said(ShapesWorld(ShapesWorld.Config(holdout=list(HOLDOUT)), "test"))[0]
+
+    ctx = FieldContext(tokenize=lambda ts, **kw: torch.zeros(len(ts), 8, dtype=torch.long), rng=random.Random(0),
+                       split="train", source=train, transform=lambda x: x, index=0, options={})
+    corrupted = 0
+    for i in range(300):
+        sample = train[i]
+        out, graph = graph_texts_field(sample, 0, ctx), sample.extra["caption_graphs"][0]
+        for t, r in enumerate(graph.relations[:4]):
+            s, o = graph.objects[r.subject], graph.objects[r.object]
+            # the corrupted triple gives each of the two objects the other's attributes
+            if {f"{colour_of(o)} {s.name}", f"{colour_of(s)} {o.name}"} & set(HOLDOUT):
+                corrupted += 1
+                assert not out["triple_hard_valid"][t, 1], (i, t)
+    assert corrupted > 0  # the case happened
 
 
 def test_holdout_pairs_are_never_drawn_in_training_even_as_distractors():
