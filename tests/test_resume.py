@@ -51,12 +51,13 @@ def wait_for_step(proc: subprocess.Popen, ckpt: Path, step: int, timeout: float 
     raise AssertionError(f"no checkpoint at step {step} in {timeout} s")
 
 
-def losses(run: Path) -> dict[int, float]:
-    """step -> train/loss over every metrics file of a run (a continued run's rows replace the earlier ones)."""
+def losses(run: Path, key: str = "train/loss", by: str = "step") -> dict[int, float]:
+    """step (or epoch) -> a logged value over every metrics file of a run (a continued run's rows replace the
+    earlier ones)."""
     out = {}
     for path in sorted(run.glob("metrics.part*.csv")) + [run / "metrics.csv"]:
         with open(path) as f:
-            out |= {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+            out |= {int(r[by]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
     return out
 
 
@@ -122,16 +123,9 @@ def test_a_sigterm_during_validation_finishes_it_and_the_resumed_run_keeps_every
     monkeypatch.setattr(ContrastiveMethod, "validation_step", step)
     assert read_checkpoint(run / "checkpoints" / "interrupted.ckpt")["global_step"] == PER_EPOCH
     assert train_main([f"resume={run}"]) == 0
-
-    def val_rows(folder: Path) -> dict[int, float]:
-        rows = {}
-        for path in sorted(folder.glob("metrics.part*.csv")) + [folder / "metrics.csv"]:
-            with open(path) as f:
-                rows |= {int(r["epoch"]): float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")}
-        return rows
-
-    assert sorted(val_rows(run)) == sorted(val_rows(ref)) == [0, 1]  # no epoch's validation is lost
-    assert val_rows(run) == pytest.approx(val_rows(ref), rel=1e-5)
+    val_run, val_ref = (losses(r, "val/loss", by="epoch") for r in (run, ref))
+    assert sorted(val_run) == sorted(val_ref) == [0, 1]  # no epoch's validation is lost
+    assert val_run == pytest.approx(val_ref, rel=1e-5)
     best = [read_checkpoint(r / "checkpoints" / "best.ckpt")["global_step"] for r in (ref, run)]
     assert best[0] == best[1]
     # throughput.json: the continued attempt's figures, its own first steps left out, and the stopped attempt's kept
