@@ -199,8 +199,9 @@ def order_benchmark(ctx: BenchContext, dataset: str, name: str, what: str) -> Be
     correct = choice_correct(scores, 0, ties="right")
     notes = notes_for(what, bad, encoded)
     notes.append(f"{what}: {len(cases)} captions of {len(entries)} images; the original against ARO's 4 shuffles "
-                 f"(seed {ctx.spec.seed}), all through ARO's pre_caption(max_words={ORDER_MAX_WORDS}); a tie counts "
-                 f"as right; chance 0.2")
+                 f"(seed {ctx.spec.seed}; the trigram ones on NLTK's word_tokenize"
+                 f"{'' if sentences else ', one sentence per caption (no punkt data)'}), all through ARO's "
+                 f"pre_caption(max_words={ORDER_MAX_WORDS}); a tie counts as right; chance 0.2")
     several = sum(bool(MANY_SENTENCES.search(c.strip())) for (_, c, _), row in zip(captions, rows) if row is not None)
     if several and not sentences:
         notes.append(f"{what}: {several} captions have a sentence end inside ('.', '!' or '?' then more text); "
