@@ -70,7 +70,9 @@ def load_run(run: Path, ckpt: str, device: torch.device):
     if not path.is_file():
         raise FileNotFoundError(f"{run}: no checkpoint {path.name}")
     plain = configs.to_plain(run_cfg)
-    plain["model"]["pretrained"] = None  # the checkpoint has every weight; never fetch the starting ones
+    # the checkpoint has every weight: the starting ones are never read or fetched, but what they shaped (a
+    # local-dir folder's architecture and activation, a tag's preprocessing) is built as in training
+    plain["model"]["load_weights"] = False
     module = METHODS.get(run_cfg.method.name)(plain)
     module.load_state_dict(read_checkpoint(path)["state_dict"])
     return module.to(device).eval(), run_cfg

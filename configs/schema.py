@@ -49,6 +49,9 @@ class ModelConfig:
     pretrained: Optional[str] = None  # a tag (network or its cached file), a weights file, "local-dir:/path", None
     arch: Any = None  # a custom open_clip architecture (embed_dim, vision_cfg, text_cfg) registered under `name`
     force_quick_gelu: bool = False
+    # false: the architecture and preprocessing `pretrained` names, without reading or fetching its weights
+    # (make bench rebuilds a run so, then loads the run's own checkpoint)
+    load_weights: bool = True
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the two towers
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": trace only, to find a problem fast)

@@ -11,7 +11,7 @@ import open_clip
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from methods.pretrained import LOCAL_DIR, load_weights, plan_weights
+from methods.pretrained import LOCAL_DIR, load_weights, plan_weights, uses_quick_gelu
 
 
 def register_arch(name: str, arch: dict[str, Any]) -> None:
@@ -46,7 +46,7 @@ def check_arch(arch: dict[str, Any]) -> None:
 def create_backbone(cfg: DictConfig) -> tuple[torch.nn.Module, Callable, Callable, Callable]:
     """(model, preprocess_train, preprocess_val, tokenizer) for an open_clip name with a tag, a file, a
     `local-dir:` folder or nothing (methods/pretrained.py says which, before anything is built)."""
-    plan = plan_weights(cfg.name, cfg.pretrained)
+    plan = plan_weights(cfg.name, cfg.pretrained, load=cfg.get("load_weights", True))
     if cfg.arch is not None and not plan.name.startswith(LOCAL_DIR):  # a local-dir folder brings its own
         arch = OmegaConf.to_container(cfg.arch, resolve=True)
         check_arch(arch)
@@ -55,10 +55,15 @@ def create_backbone(cfg: DictConfig) -> tuple[torch.nn.Module, Callable, Callabl
         # open_clip only warns when OpenAI weights meet a GELU model; results silently change, so fail instead
         warnings.filterwarnings("error", message=".*QuickGELU mismatch.*")
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            plan.name, pretrained=plan.tag, force_quick_gelu=cfg.force_quick_gelu, **plan.preprocess,
+            plan.name, pretrained=plan.tag, load_weights=cfg.get("load_weights", True),
+            force_quick_gelu=cfg.force_quick_gelu, **plan.preprocess,
         )
     if plan.file is not None:
         load_weights(model, plan.file, quick_gelu=plan.quick_gelu)
+    if plan.name.startswith(LOCAL_DIR) and plan.quick_gelu is not None and plan.quick_gelu != uses_quick_gelu(model):
+        trained = "QuickGELU" if plan.quick_gelu else "GELU"  # model.force_quick_gelu against the folder's config
+        raise ValueError(f"{plan.name}: QuickGELU mismatch: its open_clip_config.json declares {trained} and the model "
+                         f"uses the other; set model.force_quick_gelu={str(plan.quick_gelu).lower()}")
     tokenizer = open_clip.get_tokenizer(plan.name)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)

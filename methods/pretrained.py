@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import warnings
@@ -48,28 +49,37 @@ class WeightsPlan:
     quick_gelu: bool | None = None  # the activation the weights were trained with, where known
 
 
-def plan_weights(name: str, pretrained: str | None) -> WeightsPlan:
-    """Resolve `model.name` / `model.pretrained`; offline with a tag that is not cached, fail now."""
+def plan_weights(name: str, pretrained: str | None, load: bool = True) -> WeightsPlan:
+    """Resolve `model.name` / `model.pretrained`; offline with a tag that is not cached, fail now. With `load`
+    False, only what shapes the model and its preprocessing: a `local-dir:` folder's config, a tag's
+    preprocessing, nothing to read or fetch (a weights file gives the model nothing but its weights)."""
     if pretrained and pretrained.startswith(LOCAL_DIR):
         name, pretrained = pretrained, None
     if name.startswith(LOCAL_DIR):
         folder = Path(name[len(LOCAL_DIR):])
         if not (folder / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"{name}: needs a folder with open_clip_config.json and the weights file")
-        if not any(p.suffix in (".safetensors", ".bin", ".pth") for p in folder.iterdir()):
+        if load and not any(p.suffix in (".safetensors", ".bin", ".pth") for p in folder.iterdir()):
             raise FileNotFoundError(f"{name}: no weights (.safetensors, .bin or .pth) next to open_clip_config.json")
-        return WeightsPlan(name=f"{LOCAL_DIR}{folder}")
+        return WeightsPlan(name=f"{LOCAL_DIR}{folder}", quick_gelu=folder_quick_gelu(folder))
     if not pretrained:
         return WeightsPlan(name=name)
-    if os.path.isfile(pretrained):
+    if os.path.isfile(pretrained) or os.sep in pretrained or pretrained.endswith(WEIGHT_SUFFIXES):
+        if not load:
+            return WeightsPlan(name=name)
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"model.pretrained={pretrained}: file not found")
         return WeightsPlan(name=name, file=pretrained)
-    if os.sep in pretrained or pretrained.endswith(WEIGHT_SUFFIXES):
-        raise FileNotFoundError(f"model.pretrained={pretrained}: file not found")
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not cfg:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise ValueError(f"model.pretrained='{pretrained}' is neither a file nor an open_clip tag of {name} "
                          f"(its tags: {tags})")
+    keys = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
+            "resize_mode": "image_resize_mode"}
+    preprocess = {v: cfg[k] for k, v in keys.items() if k in cfg}
+    if not load:  # the tag's preprocessing, as open_clip applies it when it loads the tag
+        return WeightsPlan(name=name, preprocess=preprocess, quick_gelu=bool(cfg.get("quick_gelu", False)))
     reason = offline_reason()
     if reason is None:
         return WeightsPlan(name=name, tag=pretrained)  # online: open_clip downloads (or reuses its cache)
@@ -82,10 +92,16 @@ def plan_weights(name: str, pretrained: str | None) -> WeightsPlan:
             f"local-dir:/path (open_clip_config.json + weights). On a machine with network, "
             f"python -c \"import open_clip; open_clip.create_model('{name}', pretrained='{pretrained}')\" puts the "
             f"file in ~/.cache/huggingface/hub, which can be copied here.")
-    keys = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
-            "resize_mode": "image_resize_mode"}
-    return WeightsPlan(name=name, file=cached, preprocess={v: cfg[k] for k, v in keys.items() if k in cfg},
-                       quick_gelu=bool(cfg.get("quick_gelu", False)))
+    return WeightsPlan(name=name, file=cached, preprocess=preprocess, quick_gelu=bool(cfg.get("quick_gelu", False)))
+
+
+def folder_quick_gelu(folder: Path) -> bool | None:
+    """The activation a `local-dir:` folder's open_clip_config.json declares (`model_cfg.quick_gelu`), or None."""
+    try:
+        model_cfg = json.loads((folder / "open_clip_config.json").read_text()).get("model_cfg", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    return bool(model_cfg.get("quick_gelu", False)) if isinstance(model_cfg, dict) else None
 
 
 def cached_file(cfg: dict[str, Any]) -> str | None:
@@ -139,11 +155,20 @@ def load_weights(model: torch.nn.Module, path: str, quick_gelu: bool | None = No
             raise ValueError(f"{path}: holds Python objects besides tensors; it is not unpickled (weights_only). "
                              f"Save its state_dict (or safetensors) instead. ({str(e).splitlines()[0]})") from None
         return
-    state = {k: v for k, v in read_torchscript_tensors(path).items() if k not in OPENAI_METADATA}
+    # the archive's ints (resolution, context, vocabulary) and the causal masks a traced archive keeps are not weights
+    state = {k: v for k, v in read_torchscript_tensors(path).items()
+             if k not in OPENAI_METADATA and not k.endswith("attn_mask")}
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
-    if missing:
-        raise ValueError(f"{path}: not weights of this model ({len(missing)} missing, e.g. {missing[:3]})")
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{path}: not weights of this model ({len(missing)} missing, e.g. {missing[:3]}; "
+                         f"{len(unexpected)} not in the model, e.g. {unexpected[:3]})")
+    # only a one-element tensor may change shape (OpenAI's logit_scale is 0-d, open_clip's too; kept general)
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if state[k].shape != v.shape and not (state[k].numel() == v.numel() == 1)]
+    if wrong:
+        raise ValueError(f"{path}: not weights of this model ({len(wrong)} shapes differ, e.g. {wrong[:2]})")
     model.load_state_dict({k: state[k].reshape(expected[k].shape) for k in expected}, strict=True)
 
 

@@ -70,6 +70,11 @@ def test_openai_torchscript_archive_loads_without_running_it(tmp_path):
     assert same_weights(loaded, source)
     with pytest.raises(ValueError, match="QuickGELU mismatch"):  # OpenAI's weights into a GELU model
         create_backbone(model_cfg(f"model.pretrained={tmp_path / 'ViT-tiny.pt'}"))
+    # into a model with fewer layers (the archive's extra layers are not dropped silently) or other widths
+    for other in ("model.arch.text_cfg.layers=2", "model.arch.vision_cfg.mlp_ratio=1.0"):
+        with pytest.raises(ValueError, match="ViT-tiny.pt: not weights of this model"):
+            create_backbone(model_cfg(f"model.pretrained={tmp_path / 'ViT-tiny.pt'}", "model.force_quick_gelu=true",
+                                      other))
 
 
 class Payload:
@@ -100,6 +105,52 @@ def test_local_dir_folder(tmp_path):
     (tmp_path / "w" / "open_clip_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no weights .* next to open_clip_config.json"):
         create_backbone(model_cfg(f"model.pretrained=local-dir:{tmp_path / 'w'}"))
+
+
+def quick_gelu_folder(tmp_path, quick_gelu: bool = True):
+    """A local-dir folder whose config declares its activation and its own normalisation (as OpenAI-derived
+    open_clip folders do), with the weights of a random model of that architecture."""
+    arch = OmegaConf.to_container(model_cfg().arch) | {"quick_gelu": quick_gelu}
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": arch, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}))
+    torch.manual_seed(7)
+    source = open_clip.model.CLIP(**arch)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return folder
+
+
+def test_bench_rebuilds_a_run_as_it_was_trained_from_a_local_dir_folder(tmp_path):
+    """make bench never reads the starting weights again, but builds what they shaped: the folder's activation and
+    preprocessing (with pretrained=None it built GELU and OpenAI's mean/std, and scored other features)."""
+    import configs
+    from benchmarks.run import load_run
+    from methods.pretrained import uses_quick_gelu
+    from methods.train import build
+
+    folder = quick_gelu_folder(tmp_path)
+    cfg = compose_train([f"model.pretrained=local-dir:{folder}", f"runs_dir={tmp_path}", f"cache_dir={tmp_path}/c"])
+    trained, _ = build(cfg)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    configs.save(cfg, run / "config.yaml")
+    torch.save({"state_dict": trained.state_dict(), "global_step": 1}, run / "checkpoints" / "last.ckpt")
+    (folder / "open_clip_model.safetensors").unlink()  # the starting weights are not read again
+    bench, _ = load_run(run, "last", torch.device("cpu"))
+    assert uses_quick_gelu(trained.model) and uses_quick_gelu(bench.model)
+    assert repr(bench.preprocess_val) == repr(trained.preprocess_val) and "0.5" in repr(bench.preprocess_val)
+    trained.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(bench.model.encode_image(x), trained.model.encode_image(x))
+
+
+def test_force_quick_gelu_against_a_local_dir_folders_activation_is_refused(tmp_path):
+    folder = quick_gelu_folder(tmp_path, quick_gelu=False)
+    with pytest.raises(ValueError, match="QuickGELU mismatch: its open_clip_config.json declares GELU"):
+        create_backbone(model_cfg(f"model.pretrained=local-dir:{folder}", "model.force_quick_gelu=true"))
+    assert create_backbone(model_cfg(f"model.pretrained=local-dir:{folder}"))[0] is not None
 
 
 @pytest.fixture
@@ -136,6 +187,19 @@ def test_a_tag_offline_loads_from_the_local_cache(offline, monkeypatch):
     monkeypatch.setitem(pretrained, "clipcomp-tiny", {"fake": open_clip.pretrained._pcfg(hf_hub="lab/other/")})
     with pytest.raises(HubUnavailable, match="'fake' needs to download the clipcomp-tiny weights"):
         create_backbone(model_cfg("model.pretrained=fake"))
+
+
+def test_without_loading_a_tag_gives_its_preprocessing_and_needs_no_file(offline, monkeypatch):
+    """model.load_weights=false (how make bench rebuilds a run): a tag's own preprocessing, no download, no cache."""
+    pretrained = open_clip.pretrained._PRETRAINED
+    monkeypatch.setitem(pretrained, "clipcomp-tiny", {"halves": open_clip.pretrained._pcfg(
+        hf_hub="lab/not-cached/", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))})
+    with pytest.raises(HubUnavailable):
+        create_backbone(model_cfg("model.pretrained=halves"))
+    _, _, preprocess, _ = create_backbone(model_cfg("model.pretrained=halves", "model.load_weights=false"))
+    assert "mean=(0.5, 0.5, 0.5)" in repr(preprocess)
+    _, _, plain, _ = create_backbone(model_cfg())
+    assert "mean=(0.5, 0.5, 0.5)" not in repr(plain)
 
 
 def test_the_archive_reader_refuses_foreign_globals():
