@@ -58,6 +58,10 @@ class PerfSpec:
     batch_size: int = 32
     num_workers: int = 1  # DataLoader workers of the lab's data path and of open_clip's trainer
     steps: int = 16
+    # steps of the rows that read data (open_clip's trainer, the lab's `data` rows); 0: `steps`. Their measured
+    # steps must outnumber the batches the workers make ahead (num_workers * data.prefetch_factor), or the rate
+    # is the buffer's, not the loader's
+    data_steps: int = 0
     warmup: int = 4  # steps left out of the median (compilation happens in them)
     log_every: int = 4  # both trainers log (and so sync) every this many steps
     compile: list[bool] = field(default_factory=lambda: [False])
@@ -93,12 +97,16 @@ def mode(compiled: bool) -> str:
     return "compiled" if compiled else "eager"
 
 
+def steps_of(spec: PerfSpec, reads_data: bool) -> int:
+    return spec.data_steps if reads_data and spec.data_steps > 0 else spec.steps
+
+
 def lab_overrides(spec: PerfSpec, method: str, inputs: str, compiled: bool) -> list[str]:
     """The training config of one lab row: the method on the spec's model, data, trainer and batch."""
     return [f"method={method}", f"model={spec.model}", *spec.model_args, f"data={spec.data}",
             *(spec.data_args if inputs == "data" else spec.resident_args), f"trainer={spec.trainer}",
             f"data.batch_size={spec.batch_size}", f"data.num_workers={spec.num_workers}",
-            f"trainer.max_steps={spec.steps}", "trainer.max_epochs=1000", "trainer.limit_val_batches=0",
+            f"trainer.max_steps={steps_of(spec, inputs == 'data')}", "trainer.max_epochs=1000", "trainer.limit_val_batches=0",
             "trainer.enable_progress_bar=false", f"trainer.log_every_n_steps={spec.log_every}",
             f"model.compile={str(compiled).lower()}"]
 
@@ -132,7 +140,7 @@ def plan(spec: PerfSpec) -> list[dict[str, Any]]:
 
     def lab(label: str, method: str, own: list[str], inputs: str, compiled: bool) -> dict[str, Any]:
         m = mode(compiled)
-        return common | {"kind": "lab", "name": f"{label} · {inputs} · {m}", "method": label, "inputs": inputs,
+        return common | {"steps": steps_of(spec, inputs == "data"), "kind": "lab", "name": f"{label} · {inputs} · {m}", "method": label, "inputs": inputs,
                          "mode": m, "compile": compiled, "overrides": lab_overrides(spec, method, inputs, compiled) + own}
 
     def wanted(label: str, inputs: str) -> bool:
@@ -143,7 +151,8 @@ def plan(spec: PerfSpec) -> list[dict[str, Any]]:
     for compiled in spec.compile:
         m = mode(compiled)
         if spec.openclip:
-            rows.append(common | {"kind": "openclip", "name": f"open_clip trainer · {m}", "mode": m, "compile": compiled})
+            rows.append(common | {"steps": steps_of(spec, True), "kind": "openclip", "name": f"open_clip trainer · {m}",
+                                  "mode": m, "compile": compiled})
         if spec.bare:
             rows.append(common | {"kind": "bare", "name": f"bare step · resident · {m}", "mode": m, "compile": compiled,
                                   "overrides": lab_overrides(spec, "clip", "resident", compiled)})
@@ -167,7 +176,7 @@ def command(spec: PerfSpec, row: dict[str, Any], folder: Path) -> list[str]:
         write_atomic(folder / "arch.json", json.dumps(OmegaConf.to_container(cfg.model.arch, resolve=True)))
         ours.append(str(folder / "arch.json"))
     theirs = trainer_arguments(model=cfg.model.name, quick_gelu=cfg.model.force_quick_gelu, batch=spec.batch_size,
-                               steps=spec.steps, workers=spec.num_workers, precision=spec.openclip_precision,
+                               steps=row["steps"], workers=spec.num_workers, precision=spec.openclip_precision,
                                compile=row["compile"], device=device_of(cfg).type, log_every=spec.log_every)
     return [sys.executable, "-m", "benchmarks.perf_openclip", *ours, "--", *theirs]
 
@@ -224,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         info["rows"] = with_ratios(info["rows"])
         info["goals"] = goals(info["rows"], spec.goals)
         write_atomic(out / "perf.json", json.dumps(info, indent=2, default=str))
+        write_atomic(out / "perf.md", markdown(info))  # after every row: a run stopped early keeps what it measured
     text = markdown(info)
-    write_atomic(out / "perf.md", text)
     print(text)
     print(f"perf: {out / 'perf.json'}, {out / 'perf.md'}")
     return 0

@@ -23,17 +23,24 @@ if ! compgen -G "$wheels/*.whl" >/dev/null; then
 fi
 site=$(mktemp -d)
 out=$(mktemp -d)
-trap 'rm -rf "$site" "$out"' EXIT
+keep() {  # perf.json and perf.md are rewritten after every row: what was measured is kept, even when stopped
+  for run in "$out"/perf-*/; do  # one run folder, unless the arguments were refused before it was made
+    [ -d "$run" ] || continue
+    kept="$dest/$(basename "$run")"
+    mkdir -p "$kept"
+    cp "$run"perf.json "$run"perf.md "$kept"/ 2>/dev/null || true
+    if [ -d "$run"rows ]; then tar czf "$kept/rows.tar.gz" -C "$run" rows || true; fi
+    echo "perf_node: kept $(ls "$kept" | tr '\n' ' ')in $kept"
+  done
+}
+trap 'keep; rm -rf "$site" "$out"' EXIT
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
-python3 -m benchmarks.perf out_dir="$out" "$@" || status=$?
-for run in "$out"/perf-*/; do  # one run folder, unless the arguments were refused before it was made
-  [ -d "$run" ] || continue
-  kept="$dest/$(basename "$run")"
-  mkdir -p "$kept"
-  cp "$run"perf.json "$run"perf.md "$kept"/ 2>/dev/null || true
-  if [ -d "$run"rows ]; then tar czf "$kept/rows.tar.gz" -C "$run" rows; fi
-  echo "perf_node: kept $(ls "$kept" | tr '\n' ' ')in $kept"
-done
+# in a process group of its own, so that a stop (a lease's time limit: SIGTERM) ends the run and its row's process,
+# and the script, not waiting for them, keeps what was measured
+setsid python3 -m benchmarks.perf out_dir="$out" "$@" &
+child=$!
+trap 'kill -TERM -- "-$child" 2>/dev/null; wait "$child"; exit 143' TERM INT
+wait "$child" || status=$?
 exit "$status"

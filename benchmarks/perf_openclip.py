@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available() and "cuda" in theirs[theirs.index("--device") + 1]
     result = {
         "samples_per_sec": statistics.median(rates), "step_time_s": batch / statistics.median(rates),
-        "measured_steps": (times.marks[-1][1] - max(warmup * batch, times.marks[0][1])) // batch,
+        "measured_steps": sum(n1 - n0 for (_, n0), (_, n1) in zip(times.marks, times.marks[1:])
+                              if n0 >= warmup * batch and n1 > n0) // batch,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else resource.getrusage(
             resource.RUSAGE_SELF).ru_maxrss * 1024,
         "memory_kind": "GPU allocated" if cuda else "host RSS", "clock": "host, synced at each log line",

@@ -73,8 +73,12 @@ def markdown(info: dict[str, Any]) -> str:
     lines = [f"# Training throughput ({spec['name']}: {where})", ""]
     if spec.get("note"):
         lines += [spec["note"], ""]
-    lines += [f"Model `{spec['model']}`, batch {spec['batch_size']}, {spec['steps']} steps of which the first "
-              f"{spec['warmup']} are left out, median over the rest; torch {m['torch']}, lightning {m['lightning']}, "
+    data_steps = spec.get("data_steps") or spec["steps"]
+    steps = f"{spec['steps']} steps" + (f" ({data_steps} for the rows that read data)" if data_steps != spec["steps"]
+                                        else "")
+    lines += [f"Model `{spec['model']}`, batch {spec['batch_size']}, {steps} of which the first {spec['warmup']} are "
+              f"left out; samples/s is the median over windows of {spec['log_every']} steps (the log interval) of "
+              f"each window's rate, for every row; torch {m['torch']}, lightning {m['lightning']}, "
               f"open_clip {m['open_clip']}.", "",
               "| row | samples/s | step (ms) | x open_clip trainer | x bare step | step x clip | peak memory "
               "| syncs/step | ops/step | precision | caption tokens |",
@@ -105,8 +109,14 @@ def markdown(info: dict[str, Any]) -> str:
               "(`data.trim_text`; a `data` row's length varies per batch), which is part of its lead over that "
               "trainer and none of its ratio to the bare step.",
               "- Lab and bare rows are timed on the device's clock on a GPU (CUDA events), open_clip's trainer between "
-              "its log lines (it syncs there); both log every "
-              f"{spec['log_every']} steps. `syncs/step`: host-device syncs per measured step (GPU only).",
+              "its log lines (it syncs there). Both trainers log every "
+              f"{spec['log_every']} steps and read their logged values back then (the lab rows through `make train`'s "
+              "CSV logger). A window's rate includes the waits for data inside it. `syncs/step`: host-device syncs "
+              "per measured step that torch's sync debug mode flags (GPU only; a wait on a CUDA event, as the "
+              "non-finite guard's one-step-late read, is not among them).",
+              "- Optimiser: the lab and the bare step use fused AdamW, open_clip's trainer its default (foreach) AdamW; "
+              "the lab and the bare step compute the loss in float32 on the bf16 towers' features, open_clip's "
+              "trainer in bf16.",
               "- `ops/step` (eager rows): the operators one warm-up step dispatches below autograd, views left out; "
               "on a GPU each launches one kernel or more, so where a step is bound by launches the lab's count over "
               "the bare step's is its overhead in launches (the Python around them is not counted).",

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 
@@ -50,12 +51,18 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "memory_kind": "host RSS"}
 
 
-def summarise(step_times: list[float], batch: int) -> dict[str, Any]:
-    """Median samples/s over the measured steps, and the step time it comes from."""
+def summarise(step_times: list[float], batch: int, window: int) -> dict[str, Any]:
+    """samples/s as open_clip's row is measured: the median over windows of `window` consecutive measured steps
+    (the log interval) of each window's samples over its time, so a wait for data or a periodic stall inside a
+    window counts, as it does between open_clip's log lines; `step_time_s` is the step time that rate gives, and
+    `step_time_median_s` the median single step (which a loader's bursts can hide behind)."""
     if not step_times:
         raise RuntimeError("no step was measured after the warm-up; raise perf.steps")
-    median = statistics.median(step_times)
-    return {"samples_per_sec": batch / median, "step_time_s": median, "measured_steps": len(step_times)}
+    window = max(1, min(window, len(step_times)))
+    spans = [sum(step_times[k:k + window]) for k in range(0, len(step_times) - window + 1, window)]
+    rate = statistics.median(batch * window / s for s in spans)
+    return {"samples_per_sec": rate, "step_time_s": batch / rate, "step_time_median_s": statistics.median(step_times),
+            "measured_steps": len(spans) * window, "windows": len(spans)}
 
 
 class SyncCount(L.Callback):
@@ -129,7 +136,8 @@ class OpCount(TorchDispatchMode):
 
 # composite or metadata-only where func.is_view does not say so, allocations (the DataLoader rebuilds each batch
 # tensor from shared memory with `empty` and `set_`), and the profiler's range markers
-_NO_KERNEL = {"detach", "lift_fresh", "_reshape_alias", "reshape", "flatten", "unflatten", "split", "chunk",
+_NO_KERNEL = {"detach", "lift_fresh", "_reshape_alias", "_unsafe_view", "reshape", "flatten", "unflatten", "split",
+              "chunk",
               "split_with_sizes", "unbind", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
               "set_", "_record_function_enter_new", "_record_function_exit"}
 
@@ -197,14 +205,17 @@ def lab_row(row: dict[str, Any]) -> dict[str, Any]:
         module, dm = build(cfg)
         device = device_of(cfg)
         data = ResidentBatches(dm, cfg.data.batch_size, row["steps"], device) if row["inputs"] == "resident" else dm
-        throughput, syncs = Throughput(None, warmup=row["warmup"]), SyncCount(row["warmup"])
+        throughput, syncs = Throughput(None, warmup=row["warmup"], log=False), SyncCount(row["warmup"])
         ops = StepOps(row["warmup"], cfg.trainer.log_every_n_steps) if not row.get("compile") else None
-        trainer = make_trainer(cfg, Path(tmp), [throughput, syncs] + ([ops] if ops else []), logger=False,
-                               enable_checkpointing=False, enable_model_summary=False)
+        # the CSV logger of `make train`: every log_every_n_steps it reads the logged values back, as open_clip's
+        # trainer reads its loss at each log line
+        trainer = make_trainer(cfg, Path(tmp), [throughput, syncs] + ([ops] if ops else []),
+                               logger=CSVLogger(tmp, name="", version=""), enable_checkpointing=False,
+                               enable_model_summary=False)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         trainer.fit(module, datamodule=data)
-        out = summarise(throughput.step_times, throughput.samples) | peak_memory(device)
+        out = summarise(throughput.step_times, throughput.samples, cfg.trainer.log_every_n_steps) | peak_memory(device)
         tokens = data.batch["text"].shape[-1] if isinstance(data, ResidentBatches) else None
         return out | {"clock": throughput.summary()["clock"], "syncs_per_step": syncs.per_step,
                       "sync_sites": syncs.sites, "precision": str(trainer.precision), "text_tokens": tokens,
@@ -257,7 +268,8 @@ def bare_row(row: dict[str, Any]) -> dict[str, Any]:
             ops = OpCount()
             ops.__enter__()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(*forward(model, images, texts))  # (image features, text features, logit scale)
+            image, text, scale = forward(model, images, texts)
+        loss = loss_fn(image.float(), text.float(), scale)  # in float32, outside autocast, as the lab's loss terms
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -267,7 +279,7 @@ def bare_row(row: dict[str, Any]) -> dict[str, Any]:
             ops.__exit__(None, None, None)
         marks.append(_mark(device))
     times = _elapsed(marks[row["warmup"]:], device)
-    return summarise(times, b) | peak_memory(device) | {"clock": "device" if device.type == "cuda" else "host",
+    return summarise(times, b, cfg.trainer.log_every_n_steps) | peak_memory(device) | {"clock": "device" if device.type == "cuda" else "host",
                                                         "precision": "bf16 autocast" if bf16 else "fp32",
                                                         "text_tokens": texts.shape[-1],
                                                         **op_fields(ops.ops if ops else None)}

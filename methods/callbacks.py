@@ -81,9 +81,9 @@ class Throughput(L.Callback):
     run leaves out its own first steps (start-up, workers) too, and throughput.json keeps each earlier attempt's
     figures under "earlier_attempts"."""
 
-    def __init__(self, run_dir: str | Path | None, warmup: int = 5) -> None:
+    def __init__(self, run_dir: str | Path | None, warmup: int = 5, log: bool = True) -> None:
         self.path = Path(run_dir) / "throughput.json" if run_dir is not None else None
-        self.warmup = warmup
+        self.warmup, self.log = warmup, log
         self.host_times: list[float] = []
         self.events: list[list[Any]] = []  # per stretch of consecutive training steps: CUDA events at their ends
         self.last: float | None = None
@@ -107,8 +107,9 @@ class Throughput(L.Callback):
             self.events[-1].append(event)
         if self.last is not None:
             self.host_times.append(now - self.last)
-            if trainer.global_step % trainer.log_every_n_steps == 0:  # a number logged on the GPU is a copy: a sync
-                module.log("train/samples_per_sec", self.samples / self.host_times[-1], batch_size=1)
+            if self.log and trainer.global_step % trainer.log_every_n_steps == 0:
+                # a host tensor: a Python number would be copied to the GPU from pageable memory, a sync
+                module.log("train/samples_per_sec", torch.tensor(self.samples / self.host_times[-1]), batch_size=1)
         self.last = now
 
     @property
@@ -116,7 +117,7 @@ class Throughput(L.Callback):
         """Seconds per measured step: the device's clock on a GPU, else the host's."""
         if not any(len(stretch) > 1 for stretch in self.events):
             return self.host_times
-        self.events[-1][-1].synchronize()
+        next(stretch for stretch in reversed(self.events) if stretch)[-1].synchronize()  # the last event recorded
         return [a.elapsed_time(b) / 1000 for stretch in self.events for a, b in zip(stretch, stretch[1:])]
 
     def summary(self) -> dict[str, Any]:

@@ -3,9 +3,11 @@ trainer driven and read, the ratios and goals. Speeds are printed by `make perf`
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -195,9 +197,24 @@ def test_lab_row_through_the_trainer_on_the_cpu(tmp_path, method, inputs):
     overrides = lab_overrides(spec, method, inputs, False) + [f"cache_dir={tmp_path}", "method.kee_layers=2"
                                                                if method == "structureclip" else "seed=0"]
     out = lab_row({"kind": "lab", "overrides": overrides, "inputs": inputs, "steps": 6, "warmup": 2})
-    assert out["measured_steps"] == 3 and out["samples_per_sec"] > 0 and out["clock"] == "host"
+    # 3 timed steps after the warm-up, in windows of log_every (2): one whole window
+    assert out["measured_steps"] == 2 and out["windows"] == 1 and out["samples_per_sec"] > 0 and out["clock"] == "host"
     assert out["precision"] == "32-true" and out["syncs_per_step"] is None  # counted on a GPU only
     assert (out["text_tokens"] is None) == (inputs == "data")  # a data row's length varies per batch
+
+
+def test_a_loader_slower_than_the_step_shows_in_the_rate_as_between_open_clips_log_lines():
+    """12 workers hand batches over in bursts: 11 steps of 20 ms and one that waits 500 ms for data. The median
+    single step (20 ms) hides the loader; the rate over windows of the log interval, as open_clip's is measured
+    between its log lines, does not."""
+    from benchmarks.perf_rows import summarise
+
+    times = ([0.02] * 11 + [0.5]) * 10
+    out = summarise(times, batch=256, window=12)
+    assert out["step_time_median_s"] == pytest.approx(0.02)
+    assert out["samples_per_sec"] == pytest.approx(256 * 12 / (11 * 0.02 + 0.5)) and out["windows"] == 10
+    assert out["step_time_s"] == pytest.approx((11 * 0.02 + 0.5) / 12)
+    assert summarise([0.1] * 7, batch=8, window=2)["measured_steps"] == 6  # a partial last window is left out
 
 
 def test_the_bare_step_runs_on_vanilla_clips_resident_batch(tmp_path):
@@ -413,6 +430,37 @@ def test_perf_node_installs_the_wheels_runs_and_keeps_the_results(tmp_path):
     assert "| clip · resident · eager |" in (run / "perf.md").read_text()
     with tarfile.open(run / "rows.tar.gz") as tar:
         assert any(name.endswith("/log.txt") for name in tar.getnames())
+
+
+def test_perf_node_stopped_mid_run_keeps_the_rows_measured(tmp_path):
+    """A lease's time limit stops the script with SIGTERM: the run and its row's process end, and the rows measured
+    so far are kept in DEST (before, the scratch folder holding them was deleted)."""
+    _probe_wheel(tmp_path / "whl")
+    (tmp_path / "tmp").mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "WHEELS": str(tmp_path / "whl"), "HOME": str(tmp_path),
+           "TMPDIR": str(tmp_path / "tmp")}
+    args = ["perf=cpu", "methods=[clip,negclip]", "inputs=[resident]", "openclip=false", "bare=false", "batch_size=8",
+            "steps=4", "warmup=1", "log_every=1", "resident_args=[data.options.train_size=8]", "variants={}"]
+    proc = subprocess.Popen(["bash", str(ROOT / "benchmarks" / "perf_node.sh"), str(tmp_path / "kept"), *args],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in (tmp_path / "tmp").glob("*/perf-*/perf.json") if json.loads(p.read_text())["rows"]]
+        if done:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    [run] = (tmp_path / "kept").glob("perf-*")
+    rows = json.loads((run / "perf.json").read_text())["rows"]
+    assert rows[0]["name"] == "clip · resident · eager" and rows[0]["samples_per_sec"] > 0 and len(rows) == 1
+    assert "| clip · resident · eager |" in (run / "perf.md").read_text()
+    assert not list((tmp_path / "tmp").glob("tmp.*"))  # the script's scratch folders are gone
 
 
 @pytest.mark.parametrize("case", ["no destination", "no wheels"])
