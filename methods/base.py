@@ -141,7 +141,8 @@ class ContrastiveMethod(L.LightningModule):
         # the loss terms in float32 on float32 features: under bf16 autocast a logit near 100 (the scale's cap)
         # would be rounded to a multiple of 0.5; the towers stay in autocast, and the terms' matrices are small
         with torch.autocast(batch["image"].device.type, enabled=False):
-            feats = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in feats.items()}
+            feats = {k: v.float() if torch.is_tensor(v) and v.dtype in (torch.float16, torch.bfloat16) else v
+                     for k, v in feats.items()}  # float64 (a check's) stays float64
             terms = self.loss_terms(batch, feats)
         loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
         return loss, terms
