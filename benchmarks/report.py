@@ -110,7 +110,9 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, *, families: d
 
 def latex_table(rows: list[dict[str, Any]], columns: list[str], caption: str = "") -> str:
     """A booktabs LaTeX table of the same rows and columns (values already formatted as text or numbers)."""
-    esc = lambda t: str(t).replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$")  # noqa: E731
+    special = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+               "}": r"\}", "~": r"$\sim$", "^": r"\textasciicircum{}", "±": r"$\pm$"}
+    esc = lambda t: "".join(special.get(c, c) for c in str(t))  # noqa: E731
     lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + "l" * len(columns) + "}", r"\toprule",
              " & ".join(esc(c) for c in columns) + r" \\", r"\midrule"]
     lines += [" & ".join(esc(_fmt(r.get(c))) for c in columns) + r" \\" for r in rows]
@@ -158,4 +160,5 @@ def curves_chart(runs: dict[str, Path], path: Path) -> None:
         ax_swap[0].axhline(0.5, color="grey", linewidth=0.5)
         ax_swap[0].set(title="validation: caption above its swap\n(relation -, attribute :; chance 0.5)", xlabel="step", ylim=(0, 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with open(path, "xb") as f:  # a new file: a chart is never written over another
+        fig.savefig(f, format="png", dpi=120)

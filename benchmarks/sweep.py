@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 import shlex
 import statistics
@@ -137,8 +138,8 @@ def aggregate(results: list[tuple[dict[str, Any], dict[str, Any]]], metrics: lis
         for row in result["rows"]:
             label = ", ".join(f"{k}={v}" for k, v in key_point.items() if k != "method")
             label = row["method"] + (f" ({label})" if label else "")
-            g = groups.setdefault(label, {"label": label, "method": row["method"], "seeds": [], "values": {},
-                                          "runs": []})
+            g = groups.setdefault(label, {"label": label, "method": row["method"], "point": key_point, "seeds": [],
+                                          "values": {}, "runs": []})
             g["seeds"].append(point["seed"])
             g["runs"].append(row["run"])
             for m in metrics:
@@ -146,31 +147,50 @@ def aggregate(results: list[tuple[dict[str, Any], dict[str, Any]]], metrics: lis
                     g["values"].setdefault(m, []).append(float(row[m]))
     out = []
     for g in groups.values():
-        row = {"label": g["label"], "method": g["method"], "n_seeds": len(g["seeds"]), "runs": g["runs"],
-               "seeds": g["seeds"]}
+        row = {"label": g["label"], "method": g["method"], "point": g["point"], "n_seeds": len(g["seeds"]),
+               "runs": g["runs"], "seeds": g["seeds"]}
         for m, vs in g["values"].items():
             row[m] = statistics.fmean(vs)
-            row[f"{m} std"] = statistics.stdev(vs) if len(vs) > 1 else 0.0
+            # the sample std (n - 1); with one value the spread is unknown, not 0
+            row[f"{m} std"] = statistics.stdev(vs) if len(vs) > 1 else math.nan
+            row[f"{m} n"] = len(vs)
         out.append(row)
     return out
 
 
-def table_rows(groups: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, str]]:
-    """Display rows: mean ± std (difference to the first row, the baseline); '~' marks a difference no
-    larger than the two rows' spreads added."""
+def baseline_of(g: dict[str, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row `g` is compared with: the baseline grid point's row (the first) in g's evaluation variant where
+    that exists ("structureclip/plain" against the baseline point's "structureclip/plain"), else the first row."""
     base = groups[0]
+    if "/" in g["method"]:
+        variant = base["method"].split("/")[0] + "/" + g["method"].split("/", 1)[1]
+        same = [h for h in groups if h["method"] == variant and h.get("point") == base.get("point")]
+        if same:
+            return same[0]
+    return base
+
+
+def table_rows(groups: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, str]]:
+    """Display rows: mean ± std (difference to the baseline: the first row, in the row's evaluation variant); '~'
+    marks a difference no larger than the two rows' spreads added (not judged where a spread is unknown: one
+    seed). A metric measured in fewer seeds than the row has says how many ("n=1")."""
     rows = []
     for g in groups:
+        base = baseline_of(g, groups)
         row = {"method": g["label"], "seeds": str(g["n_seeds"])}
         for m in metrics:
             if m not in g:
                 row[m] = "–"
                 continue
-            text = f"{g[m]:.3f} ± {g[m + ' std']:.3f}"
+            std = g[m + " std"]
+            text = f"{g[m]:.3f} ± {'n/a' if math.isnan(std) else f'{std:.3f}'}"
+            if g.get(m + " n", g["n_seeds"]) != g["n_seeds"]:
+                text += f" (n={g[m + ' n']})"
             if g is not base and m in base:
                 diff = g[m] - base[m]
-                within = abs(diff) <= g[m + " std"] + base[m + " std"]
-                text += f" ({diff:+.3f}{'~' if within else ''})"
+                spread = std + base[m + " std"]
+                mark = "" if math.isnan(spread) else ("~" if abs(diff) <= spread else "")
+                text += f" ({diff:+.3f}{mark})"
             row[m] = text
         rows.append(row)
     return rows
@@ -187,8 +207,9 @@ def report(spec: SweepSpec, results: list[tuple[dict[str, Any], dict[str, Any]]]
     out = new_folder(Path(spec.out_dir) / spec.name / f"report-{time.strftime('%Y%m%d-%H%M%S')}")
     rows = table_rows(groups, metrics)
     columns = ["method", "seeds"] + metrics
-    legend = ("mean ± std over seeds; (difference to the first row, the baseline); "
-              "'~': the difference is within the two rows' spreads")
+    legend = ("mean ± sample std (n - 1) over seeds, n/a with one seed; (difference to the baseline: the first row, "
+              "in the row's evaluation variant where it has one); '~': the difference is within the two rows' spreads "
+              "(not judged where a spread is n/a)")
     md = format_table(rows, columns)
     (out / "results.md").write_text(f"# {spec.name}\n\n{md}\n\n- {legend}\n" + "".join(f"- {n}\n" for n in notes))
     (out / "results.tex").write_text(latex_table(rows, columns, caption=f"{spec.name}: {legend}"))
@@ -198,7 +219,8 @@ def report(spec: SweepSpec, results: list[tuple[dict[str, Any], dict[str, Any]]]
         for g in groups:
             f.write(",".join(json.dumps(g.get(c, "")) if isinstance(g.get(c), str) else str(g.get(c, ""))
                              for c in fields) + "\n")
-    errors = [{m: g.get(f"{m} std", 0.0) for m in metrics} for g in groups]
+    errors = [{m: 0.0 if math.isnan(g.get(f"{m} std", 0.0)) else g.get(f"{m} std", 0.0) for m in metrics}
+              for g in groups]
     for family, ms in families.items():
         _chart(groups, ms, family, out / f"{family}.png", errors=errors)
     curves_chart({g["label"] + f" (seed {seed})": Path(run) for g in groups for seed, run in zip(g["seeds"], g["runs"])},

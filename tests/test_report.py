@@ -90,3 +90,40 @@ def test_chart_range_reaches_a_negative_value(tmp_path):
     rows = [{"method": "clip", "run": "r", "syn_swaps/relation_margin": -0.3, "syn_swaps/relation_text_cos": 0.99}]
     paths = write_report(rows, tmp_path, families={"syn_swaps": ["syn_swaps/relation_margin", "syn_swaps/relation_text_cos"]})
     assert paths["syn_swaps"].read_bytes()[:8] == PNG
+
+
+def test_sweep_rows_one_seed_has_no_spread_and_variants_meet_their_own_baseline():
+    """A metric with one value has an unknown spread (n/a, no '~' verdict), not 0; a metric measured in fewer
+    seeds than its row says so; a variant row (structureclip/plain) is compared with the baseline point's row of
+    the same variant."""
+    from benchmarks.sweep import aggregate, table_rows
+
+    def result(method_rows):
+        return {"rows": [{"method": m, "run": "r", **vals} for m, vals in method_rows]}
+
+    base_point = {"method": "structureclip", "method.negative_kinds": "[relation,attribute]"}
+    other_point = {"method": "structureclip", "method.negative_kinds": "[relation]"}
+    results = [
+        (base_point | {"seed": 0}, result([("structureclip", {"a": 0.50, "b": 0.1}),
+                                           ("structureclip/plain", {"a": 0.60})])),
+        (base_point | {"seed": 1}, result([("structureclip", {"a": 0.52}), ("structureclip/plain", {"a": 0.62})])),
+        (other_point | {"seed": 0}, result([("structureclip", {"a": 0.55}), ("structureclip/plain", {"a": 0.61})])),
+    ]
+    groups = aggregate(results, ["a", "b"])
+    rows = {r["method"]: r for r in table_rows(groups, ["a", "b"])}
+    base = rows["structureclip (method.negative_kinds=[relation,attribute])"]
+    assert base["b"] == "0.100 ± n/a (n=1)" and base["a"] == "0.510 ± 0.014"
+    one = rows["structureclip (method.negative_kinds=[relation])"]
+    assert one["a"] == "0.550 ± n/a (+0.040)"  # one seed: no '~' verdict either way
+    plain = rows["structureclip/plain (method.negative_kinds=[relation])"]
+    assert plain["a"] == "0.610 ± n/a (+0.000)"  # against the baseline point's plain row (0.610), not 0.510
+    # the baseline point's plain row is the plain rows' baseline, as the first row is the others'
+    assert rows["structureclip/plain (method.negative_kinds=[relation,attribute])"]["a"] == "0.610 ± 0.014"
+
+
+def test_latex_escapes_what_latex_reads_as_markup():
+    from benchmarks.report import latex_table
+
+    tex = latex_table([{"m": "a & b_c", "v": "0.5 (+0.01~)"}], ["m", "v"], caption="100% #1 {x} ^ $ \\")
+    assert r"a \& b\_c" in tex and r"(+0.01$\sim$)" in tex
+    assert r"100\% \#1 \{x\} \textasciicircum{} \$ \textbackslash{}" in tex
