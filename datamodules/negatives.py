@@ -30,9 +30,12 @@ def swap_attributes(graph: SceneGraph, i: int = 0, j: int = 1) -> SceneGraph:
     return graph.with_objects(tuple(objects))
 
 
-def mentions(text: str, phrases: tuple[str, ...] | list[str]) -> bool:
-    """Whether `text` says any of `phrases` as whole words ("a small red square" mentions "red square")."""
-    return any(re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", text) for p in phrases)
+def mentions(text: str, phrases: tuple[str, ...] | list[str], between: tuple[str, ...] = ()) -> bool:
+    """Whether `text` says any of `phrases` as whole words, with any of the words `between` allowed between
+    theirs ("a small red square" mentions "red square"; with between=("small",), so does "a red small square",
+    which a word-order shuffle can make)."""
+    gap = " (?:(?:" + "|".join(map(re.escape, between)) + ") )*" if between else " "
+    return any(re.search(r"(?<![\w-])" + gap.join(map(re.escape, p.split())) + r"(?![\w-])", text) for p in phrases)
 
 
 def _is_noun(tag: str) -> bool:

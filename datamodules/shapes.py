@@ -156,6 +156,12 @@ class ShapesWorld:
             raise ValueError(f"shapes world: object_size is a fraction of the canvas in (0, 0.5], got {cfg.object_size}")
         if cfg.margin < 0:
             raise ValueError(f"shapes world: margin must be >= 0, got {cfg.margin}")
+        largest = cfg.object_size * (max(SIZES.values()) if cfg.sizes else 1.0)
+        if 2 * largest + cfg.margin >= 1:  # a relation needs two objects clear of each other on one axis
+            raise ValueError(f"shapes world: two objects of object_size {cfg.object_size}"
+                             f"{' (x1.25 when large)' if cfg.sizes else ''} and the margin {cfg.margin} do not fit "
+                             f"side by side on the canvas (2 x {largest:.3g} + {cfg.margin} >= 1): use a smaller "
+                             f"object_size or margin")
         if cfg.image_size < 16:
             raise ValueError(f"shapes world: image_size must be at least 16 pixels, got {cfg.image_size}")
         if cfg.num_objects + cfg.distractors > min(len(SHAPES), len(COLOURS)):
@@ -182,7 +188,8 @@ class ShapesWorld:
             graph = self._try_graph(rng)
             if graph is not None:
                 return graph
-        raise RuntimeError(f"shapes/{self.split}/{index}: no layout found; use a larger canvas or fewer objects")
+        raise RuntimeError(f"shapes/{self.split}/{index}: no layout found in 1000 tries; use a smaller object_size or "
+                           f"margin, or fewer objects (num_objects, distractors)")
 
     def _try_graph(self, rng: np.random.Generator) -> SceneGraph | None:
         c, n = self.cfg, self.cfg.num_objects
@@ -268,7 +275,7 @@ class ShapesWorld:
         if shuffles:
             out["shuffle"] = shuffles[int(rng.integers(len(shuffles)))]
         # a held-out pair is never shown in training, not even as a negative ("a red square" after a swap)
-        return {k: v for k, v in out.items() if not mentions(v, self.held_out)}
+        return {k: v for k, v in out.items() if not mentions(v, self.held_out, between=tuple(SIZES))}
 
     @property
     def held_out(self) -> tuple[str, ...]:

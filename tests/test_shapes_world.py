@@ -6,6 +6,7 @@ file's own tables, so a mistake in the source's tables (PREDICATES, TEMPLATES) s
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -301,6 +302,12 @@ def test_holdout_pairs_are_never_said_by_a_training_negative():
     train = ShapesWorld(ShapesWorld.Config(holdout=list(HOLDOUT)), "train")
     leaked, total = said(train)
     assert leaked == [] and total > 1000
+    # with sizes, a word-order shuffle can put the size between colour and shape ("a red small circle")
+    sized = ShapesWorld(ShapesWorld.Config(holdout=list(HOLDOUT), sizes=True, num_objects=3), "train")
+    negatives = [v for i in range(200) for k in range(len(sized[i].captions))
+                 for v in sized[i].extra["negative_captions"](k).values()]
+    assert not [v for v in negatives for p in HOLDOUT
+                if re.search(p.replace(" ", r"(?: (?:small|large))* "), v)]
     assert said(ShapesWorld(ShapesWorld.Config(), "train"))[0]  # without the holdout they are said: the filter works
     assert said(ShapesWorld(ShapesWorld.Config(holdout=list(HOLDOUT)), "test"))[0]
 
@@ -402,8 +409,11 @@ def test_partial_captions_are_each_object_and_each_bare_relation(cfg):
         ({"holdout": ["pink circle"]}, ["holdout", "pink circle"]),
         ({"holdout": ["circle red"]}, ["holdout", "circle red"]),
         ({"num_objects": 4, "distractors": 3}, ["at most"]),
+        ({"object_size": 0.5}, ["object_size 0.5", "do not fit side by side", "smaller object_size or margin"]),
+        ({"object_size": 0.42, "sizes": True}, ["x1.25 when large", "2 x 0.525"]),
     ],
-    ids=["5-objects", "1-object", "unknown-shape", "unknown-colour", "reversed-pair", "too-many"],
+    ids=["5-objects", "1-object", "unknown-shape", "unknown-colour", "reversed-pair", "too-many", "too-big",
+         "too-big-when-large"],
 )
 def test_bad_config_raises_a_value_error_naming_the_problem(bad, words):
     with pytest.raises(ValueError) as info:

@@ -277,3 +277,15 @@ def test_exchanged_boxes_draw_the_scene_the_relation_swap_describes():
             x for e in (scene.objects[r.subject], scene.objects[r.object]) for x in (e.name, e.attributes))
         assert holds(r.predicate, b.box, a.box, world.cfg.margin * world.cfg.image_size)  # now b stands where a did
         assert not holds(r.predicate, a.box, b.box, 0.0)
+
+
+def test_retrieval_counts_each_distinct_caption_once_for_image_to_text():
+    """Images 1 and 2 share caption B; image 0 (caption A) scores B above A. Ranked over distinct captions, A is
+    image 0's second candidate (R@2 = 1); over one row per image, B's two copies would fill its top 2."""
+    from benchmarks.syn import caption_retrieval
+
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # A, B, B
+    images = torch.tensor([[0.6, 0.8], [0.0, 1.0], [0.0, 1.0]])  # image 0: B 0.8 > A 0.6
+    m = caption_retrieval(images, text, ["A", "B", "B"], ks=(1, 2))
+    assert m["syn_retrieval/i2t_R@2"] == 1.0 and m["syn_retrieval/i2t_R@1"] == pytest.approx(2 / 3)
+    assert m["syn_retrieval/t2i_R@1"] == 1.0  # A finds image 0 first; B finds image 1 or 2, both true
