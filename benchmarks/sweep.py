@@ -34,7 +34,7 @@ from configs.files import keep_aside, new_folder, write_atomic
 from benchmarks.report import curves_chart, format_table, latex_table, _chart
 from benchmarks.run import bench_run, device_for, merge_families
 from methods import METHODS
-from methods.train import compose_train, train
+from methods.train import compose_train, process_rank, train
 
 
 @dataclass
@@ -117,12 +117,14 @@ def bench_key(bench_cfg: Any) -> dict[str, Any]:
     return {"bench": OmegaConf.to_container(bench_cfg.bench, resolve=True), "ckpt": bench_cfg.ckpt}
 
 
-def run_cell(cell_dir: Path, overrides: list[str], bench_cfg: Any) -> dict[str, Any]:
+def run_cell(cell_dir: Path, overrides: list[str], bench_cfg: Any) -> dict[str, Any] | None:
     """Train (unless a finished run is there; continuing an unfinished one) and benchmark one cell;
     result.json marks it done, with the bench config it was made with."""
     run = finished_run(cell_dir)
     if run is None:
         run = train(compose_train(overrides + cell_run_args(cell_dir)))
+    if process_rank() > 0:  # a DDP cell's other ranks train with rank 0; rank 0 alone benchmarks and reports
+        return None
     rows, families, notes = bench_run(run, bench_cfg, device_for(bench_cfg.device))
     result = {"overrides": overrides, "run": str(run), "rows": rows, "families": families, "notes": notes,
               "bench": bench_key(bench_cfg)}
@@ -274,8 +276,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"[sweep] {name}: running")
         cell_dir.mkdir(parents=True, exist_ok=True)
-        results.append((point, run_cell(cell_dir, overrides, bench_cfg)))
+        result = run_cell(cell_dir, overrides, bench_cfg)
         ran += 1
+        if result is not None:
+            results.append((point, result))
+    if process_rank() > 0:
+        return 0
     report(spec, results)
     return 0
 

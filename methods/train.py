@@ -15,9 +15,11 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,6 +48,12 @@ SCHEMAS = {"method": method_schema, "data": data_schema}
 def compose_train(argv: list[str]) -> DictConfig:
     """The resolved, typed training config (keys and types checked; values by `configs.validate`)."""
     return configs.compose("train", argv, SCHEMAS)
+
+
+def process_rank() -> int:
+    """This process's global rank as the launcher set it (RANK, LOCAL_RANK or SLURM_PROCID; 0 alone), known
+    before the process group exists: Lightning's DDP launcher starts ranks 1.. by running the same command again."""
+    return int(rank_zero_only.rank)
 
 
 def new_run_dir(cfg: DictConfig) -> Path:
@@ -306,6 +314,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None =
         configs.validate(cfg)  # before anything is built or written
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, dm = build(cfg)  # before the folder is made: a config that cannot build leaves nothing behind
+    scratch = run_dir is None and cfg.run_dir is None and process_rank() > 0
+    if scratch:
+        # another rank of a multi-process run: rank 0 makes the run folder and writes every file of it (the
+        # checkpoint callbacks take rank 0's folder); this process keeps its own scratch files aside
+        run_dir, ckpt_path = Path(tempfile.mkdtemp(prefix=f"clipcomp-rank{process_rank()}-")), None
     if run_dir is None:
         run_dir, ckpt_path = open_run(cfg)
     if not (run_dir / "config.yaml").is_file():
@@ -331,6 +344,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None =
         rate = s["samples_per_sec_median"]
         print(f"run: {run_dir}\ntraining throughput: {rate:.0f} samples/s (median over {s['measured_steps']} steps)"
               if rate else f"run: {run_dir}")
+    if scratch:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return run_dir
 
 

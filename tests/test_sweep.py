@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -102,3 +103,26 @@ def test_every_shipped_sweep_file_composes_into_valid_cells(tmp_path, capsys):
     for path in files:
         assert sweep_main([str(path), f"out_dir={tmp_path}", "--print-commands"]) == 0, path.name
         assert capsys.readouterr().out.count("python -m methods.train") >= 1, path.name
+
+
+def test_a_ddp_sweep_and_a_ddp_run_leave_one_folder_and_one_report(tmp_path):
+    """Lightning's DDP launcher starts rank 1 by running the same command again: rank 1 trains with rank 0 but
+    makes no run folder of its own, and benchmarks and reports nothing (both ranks did, before)."""
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.precision=32-true",
+           "trainer.max_epochs=1", "data.num_workers=0", "data.batch_size=8", "data.eval_batch_size=8",
+           "data.options.train_size=32", "data.options.val_size=8", "data.options.test_size=16",
+           "trainer.enable_progress_bar=false", f"cache_dir={tmp_path / 'c'}"]
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # rank 1's scratch folder, removed when it ends
+    sweep = write_sweep(tmp_path / "s.yaml", name="ddp", base=ddp, grid={"method": ["clip"]}, seeds=[0], bench="syn",
+                        out_dir=str(tmp_path / "sw"))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.sweep", sweep], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in done.stderr + done.stdout  # two processes did train
+    assert len(list((tmp_path / "sw" / "ddp").glob("report-*"))) == 1
+    done = subprocess.run([sys.executable, "-m", "methods.train", *ddp, f"runs_dir={tmp_path / 'runs'}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = (tmp_path / "runs" / "clip").iterdir()
+    assert (run / "done.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert not list(tmp_path.glob("clipcomp-rank*"))
