@@ -237,6 +237,7 @@ def plan_resume(run_dir: str | Path) -> tuple[DictConfig, Path, Path | None]:
     return cfg, run_dir, resume_checkpoint(run_dir)
 
 
+@rank_zero_only  # one process renames it: ranks sharing the folder would race for the same file
 def keep_old_metrics(run_dir: Path) -> None:
     """The CSV logger starts a new metrics.csv: a continued run keeps the old one beside it (metrics.partK.csv)."""
     metrics = run_dir / "metrics.csv"
