@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 import random
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules import decoded
 from datamodules.device_images import finish_images
@@ -290,10 +290,32 @@ class CaptionDataModule(L.LightningDataModule):
         self.resume_from = state.get("train_loader")
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset("val"), batch_size=self.cfg.eval_batch_size, **self._loader_options("val"))
+        """The validation split; under DDP each rank validates every W-th item (`Shard`), each item once (Lightning's
+        DistributedSampler would repeat items to even the ranks out, and count them twice)."""
+        dataset = self.dataset("val")
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        sampler = Shard(dataset, rank, world) if world > 1 else None
+        return DataLoader(dataset, batch_size=self.cfg.eval_batch_size, sampler=sampler, **self._loader_options("val"))
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset("test"), batch_size=self.cfg.eval_batch_size, **self._loader_options("test"))
+
+
+class Shard(DistributedSampler):
+    """Items rank, rank + W, rank + 2W, ... of a dataset, in order, none repeated: ranks may hold one item more than
+    another. A DistributedSampler, so that Lightning keeps it (it wraps any other sampler in one that pads)."""
+
+    def __init__(self, dataset: Any, rank: int, world: int) -> None:
+        if len(dataset) < world:
+            raise ValueError(f"the validation split has {len(dataset)} items for {world} processes; each needs one "
+                             f"(raise data.options.val_size)")
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
 
 
 def data_schema(name: str, node: DictConfig) -> DictConfig:

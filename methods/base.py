@@ -159,7 +159,10 @@ class ContrastiveMethod(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Held-out contrastive loss and in-batch retrieval accuracy (no collectives: batches may differ in size)."""
+        """Held-out contrastive loss and in-batch retrieval accuracy (no collectives: batches may differ in size).
+        Under DDP each rank validates every W-th item (each once), so these in-batch figures group items otherwise
+        than on one process (and best.ckpt, chosen on val/loss, follows them); the swap accuracies below count each
+        item once and equal one process's."""
         feats = self.encode_pairs(batch)  # the same held-out measure for every method
         img, txt = feats["image_features"], feats["text_features"]
         loss = contrastive_loss(img, txt, img, txt, feats["logit_scale"])

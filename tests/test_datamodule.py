@@ -195,3 +195,36 @@ def test_validation_swap_accuracy_counts_every_item_once_and_ties_as_wrong(make_
         torch.ones(len(tokens), module.model.text_projection.shape[1]), dim=-1)
     metrics = trainer.validate(module, dm, verbose=False)[0]
     assert metrics["val/relation_swap_acc"] == 0.0 and metrics["val/attribute_swap_acc"] == 0.0
+
+
+def test_under_ddp_each_rank_validates_every_wth_item_once():
+    """Lightning's DistributedSampler pads the split to even the ranks out (an item counted twice); the lab's
+    Shard gives each item to one rank, in order."""
+    from datamodules.datamodule import Shard
+
+    shards = [list(Shard(range(9), r, 2)) for r in range(2)]
+    assert shards == [[0, 2, 4, 6, 8], [1, 3, 5, 7]] and [len(Shard(range(9), r, 2)) for r in range(2)] == [5, 4]
+    with pytest.raises(ValueError, match="validation split has 1 items for 2 processes"):
+        Shard(range(1), 0, 2)
+
+
+def test_swap_accuracies_on_two_processes_equal_one_process(tmp_path):
+    """The validation swap probes count every held-out item once under DDP (9 items on 2 ranks: 5 and 4), so
+    the accuracies equal one process's on the same weights."""
+    import lightning as L
+
+    from methods.train import build, compose_train
+
+    def validate(devices):
+        torch.manual_seed(0)
+        cfg = compose_train(["data.num_workers=0", "data.options.val_size=9", "data.eval_batch_size=4",
+                             f"cache_dir={tmp_path}"])
+        module, dm = build(cfg)
+        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        return trainer.validate(module, datamodule=dm, verbose=False)[0]
+
+    one, two = validate(1), validate(2)
+    for key in ("val/relation_swap_acc", "val/attribute_swap_acc"):
+        assert float(two[key]) == pytest.approx(float(one[key]), abs=1e-6), key
