@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,8 @@ class DecodedCache:
                     image.info["original_size"] = tuple(int(v) for v in saved["size"])
                 self.hits += 1
                 return image
-            except (OSError, ValueError, KeyError):  # a torn or foreign file: decode again and replace it
-                pass
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                pass  # a torn, empty or foreign file: decode again and replace it
         original = load_image(file, where)
         image = self.resize(original)
         self._write(cached, np.asarray(image, dtype=np.uint8), original.size)
@@ -80,6 +81,8 @@ class DecodedCache:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, pixels=pixels, size=np.asarray(size, dtype=np.int64))
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename: a crash never leaves an empty file under the name
             os.replace(tmp, target)
         except OSError:  # a full disk leaves the cache as it was: the image is still returned
             Path(tmp).unlink(missing_ok=True)

@@ -36,14 +36,27 @@ SPEED_ONLY = ("compile", "compile_backend", "grad_checkpointing")  # model setti
 class _ModelInputs(Dataset):
     """A split's images through the model transform, for computing their features."""
 
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Any, transform: Any) -> None:
+        self.dataset, self.transform = dataset, transform
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> Tensor:
-        return self.dataset.transform(self.dataset.source[i].image)  # (3, H, W)
+        return self.transform(self.dataset.source[i].image)  # (3, H, W)
+
+
+def file_stats(value: Any) -> list[list[Any]]:
+    """[path, size, mtime] of every existing file a config value names (weights, annotation files, exclude_ids
+    lists), for a cache key that changes when one of them is rewritten under the same name."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in file_stats(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in file_stats(v)]
+    if isinstance(value, str) and len(value) < 4096 and os.path.isfile(value):
+        st = os.stat(value)
+        return [[os.path.realpath(value), st.st_size, st.st_mtime_ns]]
+    return []
 
 
 @METHODS.register("negclip")
@@ -77,21 +90,26 @@ class NegCLIP(ContrastiveMethod):
 
     @torch.no_grad()
     def neighbour_table(self, dataset: Any) -> Tensor:
-        """(N, k) nearest neighbours of each training image by the starting model's image features,
-        computed once per (data, model, seed) and cached."""
+        """(N, k) nearest neighbours of each training image by the starting model's image features (of its
+        evaluation view, whatever the training augmentation), computed once per (data, model, seed) and cached; the
+        key holds the files the data and the weights come from, as they are now, and the split's size."""
         model = {k: v for k, v in self.cfg.model.items() if k not in SPEED_ONLY}  # same weights, same neighbours
-        key = json.dumps([self.cfg.data.source, self.cfg.data.get("options"), model, self.cfg.seed,
-                          self.mcfg.neighbours], sort_keys=True, default=str)
+        options = self.cfg.data.get("options")
+        key = json.dumps([self.cfg.data.source, options, model, self.cfg.seed, self.mcfg.neighbours, len(dataset),
+                          file_stats([options, model])], sort_keys=True, default=str)
         path = Path(self.cfg.cache_dir) / f"neighbours-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
         if path.is_file():
-            return torch.load(path, weights_only=True)
+            table = torch.load(path, weights_only=True)
+            if table.shape == (len(dataset), self.mcfg.neighbours) and int(table.max()) < len(dataset):
+                return table  # (else a table of other data: made again below)
         was_training, home = self.training, self.device
         # on this process's GPU where there is one (this runs before the Trainer moves the model), the images
         # made by the run's DataLoader workers
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else home
         self.eval().to(device)
         feats = []
-        for images in DataLoader(_ModelInputs(dataset), batch_size=256, num_workers=self.cfg.data.num_workers):
+        inputs = _ModelInputs(dataset, self.preprocess_val)  # not data.augment's random crops
+        for images in DataLoader(inputs, batch_size=256, num_workers=self.cfg.data.num_workers):
             feats.append(self.model.encode_image(images.to(device), normalize=True).float().cpu())  # (<=256, D)
         self.train(was_training).to(home)
         feats = torch.cat(feats)  # (N, D)

@@ -54,6 +54,11 @@ def test_a_changed_or_torn_file_is_decoded_again_and_a_missing_one_is_named(tmp_
     cache.path_of(f).write_bytes(b"torn")
     torch.testing.assert_close(preprocess(cache.get(f, "a")), preprocess(Image.open(f).convert("RGB")))
     assert cache.misses == 2
+    whole = cache.path_of(f).read_bytes()
+    for torn in (whole[: len(whole) // 2], b""):  # cut short (not a zip any more), or empty
+        cache.path_of(f).write_bytes(torn)
+        torch.testing.assert_close(preprocess(cache.get(f, "a")), preprocess(Image.open(f).convert("RGB")))
+    assert cache.misses == 4
     photo(f, (200, 260), seed=3)  # a new file under the same name: a new key
     assert cache.get(f, "a").info["original_size"] == (200, 260)
     with pytest.raises(BadInput, match="rec 7: image not found"):

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.datamodule import collate
+import configs
 from methods import METHODS
+from methods.clip import CLIP
 from methods.losses import caption_margin_loss, contrastive_loss, max_violation_hinge
 from methods.train import build
 
@@ -96,6 +98,25 @@ def test_negclip_neighbours_are_nearest_and_cached(make_cfg, tmp_path):
     torch.testing.assert_close(sims.topk(3, dim=1).values, sims.gather(1, table))
     assert len(list(tmp_path.glob("neighbours-*.pt"))) == 1
     assert torch.equal(module.neighbour_table(ds), table)  # read back from the cache
+
+
+def test_negclip_neighbours_ignore_augmentation_and_follow_the_weights_file(make_cfg, tmp_path):
+    """The table is of the starting model's evaluation view (data.augment's random crops do not change it), and a
+    weights file rewritten under the same name gives a new table, not the cached one."""
+    torch.manual_seed(0)  # the same starting weights for both
+    ref, dm = build(make_cfg("method=negclip", f"cache_dir={tmp_path / 'a'}"))
+    torch.manual_seed(0)
+    augmented, dm_aug = build(make_cfg("method=negclip", "data.augment=true", f"cache_dir={tmp_path / 'b'}"))
+    assert torch.equal(dm_aug.field_options["neighbours"], dm.field_options["neighbours"])
+    weights = tmp_path / "w.pt"
+    torch.manual_seed(1)
+    torch.save(CLIP(configs.to_plain(make_cfg())).model.state_dict(), weights)
+    first = build(make_cfg("method=negclip", f"model.pretrained={weights}", f"cache_dir={tmp_path / 'c'}"))[1]
+    torch.manual_seed(2)
+    torch.save(CLIP(configs.to_plain(make_cfg())).model.state_dict(), weights)
+    second = build(make_cfg("method=negclip", f"model.pretrained={weights}", f"cache_dir={tmp_path / 'c'}"))[1]
+    assert not torch.equal(first.field_options["neighbours"], second.field_options["neighbours"])
+    assert len(list((tmp_path / "c").glob("neighbours-*.pt"))) == 2
 
 
 def test_negclip_loss_is_the_reference_2b_by_4b_loss():
