@@ -112,14 +112,17 @@ def pooled_entity_alignment_loss(t2i: Tensor, i2t: Tensor, owner: Tensor, all_ow
 
     Text->image: each entity against every image of the global batch, its own image the positive; an image
     holding an entity with the same phrase is left out. Image->text: each entity's image against every
-    entity of the global batch; the image's other entities and same-phrase entities are left out.
+    entity of the global batch; every entity whose phrase the image holds is left out (its other entities, the
+    same phrase elsewhere, and another image's entity with the phrase of one of this image's: a true match).
     t2i (E, W*B): s(e, j) for this rank's entities; i2t (E, W*E): s(e', owner(e)) for every entity e';
     owner (E,) and all_owner (W*E,) global image index of each entity; all_image_keys (W*B, K) the phrase
     keys of each image's entities (-1 padding)."""
     held = (all_image_keys[None, :, :] == key[:, None, None]).any(-1)  # (E, W*B): image j holds e's phrase
     t2i_loss = masked_infonce_sum(scale * t2i, owner, held, valid)
     target = positive_columns(i2t.shape[0], rank, i2t.device)
-    exclude = (all_owner[None, :] == owner[:, None]) | (key[:, None] == all_key[None, :]) | (all_valid[None, :] < 0.5)
+    image_keys = all_image_keys.index_select(0, owner)  # (E, K) the phrases of each row's image
+    exclude = (all_key[None, :, None] == image_keys[:, None, :]).any(-1) | (all_valid[None, :] < 0.5)  # (E, W*E)
+    exclude |= all_owner[None, :] == owner[:, None]  # the image's own entities (padding slots included)
     i2t_loss = masked_infonce_sum(scale * i2t, target, exclude, valid)  # (E, W*E)
     return (t2i_loss + i2t_loss) / (2 * denominator)
 

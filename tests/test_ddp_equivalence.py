@@ -114,4 +114,4 @@ def check_ddp_equivalence(method: str, rank_args: tuple[str, ...] = (), rtol: fl
         for name, g in single.items():
             torch.testing.assert_close(r["grads"][name], g, rtol=rtol, atol=1e-6, msg=lambda m: f"{name}: {m}")
     # the check has teeth: a rank's loss alone (its local negatives) is not the global loss
-    assert not torch.allclose(ranks[0]["loss"], loss.detach(), rtol=1e-3)
+    assert not torch.allclose(ranks[0]["loss"], loss.detach(), rtol=1e-4, atol=0)  # (they can come within 0.1%)

@@ -127,9 +127,11 @@ def test_pooled_entity_loss_by_hand():
     got = pooled_entity_alignment_loss(t2i, i2t, owner, owner, key, key, key.view(2, 2), valid, valid, s, 0,
                                        torch.tensor(3.0))
     # by hand: entity 0 ("7") is in both images, so only its own image stays (CE 0); entity 1 against both images;
-    # entity 2 ("7") likewise alone. Image->text: own image's other entity and same-phrase ones leave.
+    # entity 2 ("7") likewise alone. Image->text: every entity whose phrase the row's image holds leaves: for
+    # entity 1 ("8", image 0 = {7, 8}) that is entity 0 (its image) and entity 2 (phrase 7, in another image: a
+    # true match for image 0, not a negative); entity 2's image 1 = {7} keeps entity 1 ("8") as its negative
     t2i_sum = 0.0 + ce([s * 0.5, s * 0.2], 0) + 0.0
-    i2t_sum = ce([s * 0.9], 0) + ce([s * 0.5, s * 0.1], 0) + ce([s * 0.2, s * 0.8], 1)
+    i2t_sum = ce([s * 0.9], 0) + ce([s * 0.5], 0) + ce([s * 0.2, s * 0.8], 1)
     assert math.isclose(got.item(), (t2i_sum + i2t_sum) / 6, rel_tol=1e-9)
 
 
