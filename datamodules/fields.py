@@ -141,9 +141,13 @@ def graph_texts_field(sample: Sample, caption_index: int, ctx: FieldContext) -> 
     graph = caption_graph_field(sample, caption_index, ctx) or SceneGraph()
     objects = graph.objects[:e_max]
     boxes = [crop_box(e.box, image_size(sample.image)) if use_boxes and e.box is not None else None for e in objects]
+    # an object whose box lies wholly outside the model's crop is not in the image the model sees: no entity, and
+    # no triple of it (else text-driven pooling would find it somewhere)
+    shown = [not (use_boxes and e.box is not None and b is None) for e, b in zip(objects, boxes)]
     entities = [indefinite(e.phrase()) for e in objects]
     triples, hard, hard_valid, args = [], [], [], []
-    for r in [r for r in graph.relations if r.subject < e_max and r.object < e_max][:t_max]:
+    for r in [r for r in graph.relations if r.subject < e_max and r.object < e_max
+              and shown[r.subject] and shown[r.object]][:t_max]:
         s, o, p = objects[r.subject], objects[r.object], words.get(r.predicate, r.predicate)
         text = relation_text(s, p, o, attributes)
         swapped = relation_text(o, p, s, attributes)
@@ -157,7 +161,7 @@ def graph_texts_field(sample: Sample, caption_index: int, ctx: FieldContext) -> 
     return {
         "entity_text": ctx.tokenize(pad(entities, e_max)),
         "entity_key": torch.tensor([phrase_key(t) for t in entities] + [-1] * (e_max - n_e), dtype=torch.long),
-        "entity_valid": torch.arange(e_max) < n_e,
+        "entity_valid": torch.tensor(shown + [False] * (e_max - n_e)),
         "entity_box": torch.tensor([list(b) if b else [0.0] * 4 for b in boxes] + [[0.0] * 4] * (e_max - n_e)),
         "entity_has_box": torch.tensor([b is not None for b in boxes] + [False] * (e_max - n_e)),
         "triple_text": ctx.tokenize(pad(triples, t_max)),

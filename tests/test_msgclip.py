@@ -220,3 +220,27 @@ def test_bad_options_are_named(make_cfg):
         build(make_cfg("method=msgclip", "method.pooling=boxes"))
     with pytest.raises(ValueError, match="unknown hard negatives.*available: swapped, corrupted"):
         build(make_cfg("method=msgclip", "method.hard_negatives=[reversed]"))
+
+
+def test_an_object_outside_the_models_crop_is_no_entity_and_in_no_triple():
+    """A 640 x 480 image is cut to its centre 480 x 480 (x from 80): a dog at x 10-70 is not in what the model sees."""
+    import random as stdlib_random
+
+    from PIL import Image
+
+    from datamodules.fields import FieldContext, graph_texts_field
+    from datamodules.graph import Entity, Relation, SceneGraph
+    from datamodules.source import Sample
+
+    graph = SceneGraph((Entity("man", (), (300.0, 100.0, 100.0, 200.0)), Entity("dog", (), (10.0, 380.0, 60.0, 60.0)),
+                        Entity("bench", (), (200.0, 300.0, 200.0, 100.0))),
+                       (Relation(0, "near", 1), Relation(0, "on", 2)))
+    sample = Sample(image=Image.new("RGB", (640, 480)), captions=["a man near a dog, on a bench"], graph=graph,
+                    key="k", extra={"caption_graphs": [graph]})
+    ctx = FieldContext(tokenize=lambda ts, **kw: torch.zeros(len(ts), 8, dtype=torch.long), rng=stdlib_random.Random(0),
+                       split="train", source=None, transform=None, index=0, options={})
+    out = graph_texts_field(sample, 0, ctx)
+    assert out["entity_valid"].tolist() == [True, False, True, False]
+    assert out["entity_has_box"].tolist() == [True, False, True, False]
+    assert out["triple_valid"].tolist() == [True, False, False, False]
+    assert out["triple_args"][0].tolist() == [0, 2]  # "a man on a bench"; the dog's triple is left out
