@@ -86,9 +86,18 @@ def partial_text_field(sample: Sample, caption_index: int, ctx: FieldContext) ->
 def granular_text_field(sample: Sample, caption_index: int, ctx: FieldContext) -> dict[str, Any]:
     """`text` and `caption` replaced by a caption of random granularity (SmartCLIP's sampler): drawn uniformly
     from the sample's partial captions and the first k sentences of the drawn caption, k = 1..n (the release
-    splits on ". " and draws k uniformly; a one-sentence caption gives k = 1 only)."""
-    sentences = sample.captions[caption_index].replace("\n", " ").split(". ")
-    choices = list(sample.partial_captions) + [". ".join(sentences[:k]) for k in range(1, len(sentences) + 1)]
+    splits on ". " and draws k uniformly). A source whose captions are one sentence each and has no partial
+    captions (COCO, Flickr30k) gets methods.md's adaptation: the drawn caption followed by the image's other
+    captions, as sentences, its prefixes the granularities (the 77-token context cuts the longest ones)."""
+    drawn = sample.captions[caption_index]
+    sentences = drawn.replace("\n", " ").split(". ")
+    if len(sentences) == 1 and not sample.partial_captions and len(sample.captions) > 1:
+        others = [c for k, c in enumerate(sample.captions) if k != caption_index]
+        sentences = [s.strip().rstrip(".") for s in [drawn, *others]]
+        choices = [drawn] + [". ".join(sentences[:k]) + "." for k in range(2, len(sentences) + 1)]
+    else:
+        choices = [". ".join(sentences[:k]) for k in range(1, len(sentences) + 1)]
+    choices = list(sample.partial_captions) + choices
     text = ctx.rng.choice(choices)
     return {"text": ctx.tokenize([text])[0], "caption": text}
 

@@ -97,6 +97,14 @@ def test_granular_captions():
     sample = Sample(None, ["A dog runs. It is brown. The sky is blue"], partial_captions=["a dog"])
     drawn = {granular_text_field(sample, 0, ctx)["caption"] for _ in range(200)}
     assert drawn == {"a dog", "A dog runs", "A dog runs. It is brown", "A dog runs. It is brown. The sky is blue"}
+    # COCO: one-sentence captions, no partial ones: the drawn caption, then it with the image's other captions
+    coco = Sample(None, ["A man riding a horse on the beach.", "A brown horse carries a rider.", "Waves behind them"])
+    drawn = {granular_text_field(coco, 1, ctx)["caption"] for _ in range(200)}
+    assert drawn == {"A brown horse carries a rider.",
+                     "A brown horse carries a rider. A man riding a horse on the beach.",
+                     "A brown horse carries a rider. A man riding a horse on the beach. Waves behind them."}
+    single = Sample(None, ["A man riding a horse."])
+    assert {granular_text_field(single, 0, ctx)["caption"] for _ in range(20)} == {"A man riding a horse."}
 
 
 def test_shapes_batch_mixes_granularities_and_inference_is_plain_clip(make_cfg):
