@@ -149,7 +149,15 @@ def bench_module(module, run_cfg: DictConfig, cfg: DictConfig, run_label: str, f
         ctx = BenchContext(module, module.preprocess_val, run_cfg, cfg.bench)
         row = {"method": method, "run": run_label, "seed": run_cfg.seed}
         for name in cfg.bench.benchmarks:
+            counts = getattr(module, "graph_counts", None)  # a method that reads each caption's graph at test time
+            if counts is not None:
+                counts[:] = [0, 0]
             result = BENCHMARKS.get(name)(ctx)
+            if counts is not None and counts[1]:
+                result.notes.append(
+                    f"{method} on {name}: {counts[1]} of {sum(counts)} captions had no scene graph, so its knowledge "
+                    f"encoder added nothing to them" + (" (every caption: this row equals the plain variant's)"
+                                                        if not counts[0] else ""))
             row.update(result.metrics)
             families.setdefault(result.family, [])
             families[result.family] += [m for m in result.metrics if m not in families[result.family]]

@@ -6,9 +6,18 @@ from typing import Any, ClassVar, Optional
 
 from configs.checks import (Rule, above, at_least, one_of, optional, registered, steps_or_off, within)
 
-# Lightning 2.x precision strings (the plugin is chosen from the string; there is no registry to ask)
-PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64", "16", "bf16",
+# Lightning 2.x precision strings (the plugin is chosen from the string; there is no registry to ask), less
+# float16 mixed precision: its gradient scaler sets fused AdamW's skip flag itself, over the non-finite guard's
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-true", "bf16-true", "64-true", "64", "bf16",
               "transformer-engine", "transformer-engine-float16")
+SCALED = ("16-mixed", "16")
+
+
+def _precision(v: str) -> str | None:
+    if v in SCALED:
+        return ("float16 mixed precision's gradient scaler would override the non-finite guard's skip of a bad step "
+                "(fused AdamW reads one flag); use bf16-mixed (GPUs with bf16) or 32-true")
+    return one_of(*PRECISIONS)(v)
 
 
 def _accelerators() -> list[str]:
@@ -112,7 +121,7 @@ class TrainerConfig:
     LAB_KEYS: ClassVar[tuple[str, ...]] = ("checkpoint_every_n_steps",)
     RULES: ClassVar[dict[str, Rule]] = {
         "accelerator": registered("accelerator", _accelerators, ("auto", "gpu", "tpu")),
-        "strategy": registered("strategy", _strategies, ("auto",)), "precision": optional(one_of(*PRECISIONS)),
+        "strategy": registered("strategy", _strategies, ("auto",)), "precision": optional(_precision),
         "devices": _devices, "num_nodes": at_least(1), "max_epochs": at_least(1), "max_steps": steps_or_off,
         "limit_train_batches": _batch_limit, "limit_val_batches": at_least(0), "check_val_every_n_epoch": at_least(1),
         "log_every_n_steps": at_least(1), "gradient_clip_val": optional(above(0)), "num_sanity_val_steps": at_least(-1),

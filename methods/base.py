@@ -253,6 +253,31 @@ class ContrastiveMethod(L.LightningModule):
                 f"{self.global_step}); stopped. The last good weights are in {path}. Lower optim.lr, check the "
                 f"data, or raise optim.max_bad_steps.")
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """`trainer.gradient_clip_val`, clipped here: Lightning's own clipping refuses fused AdamW under bf16-mixed
+        (it supposes a gradient scaler, which bf16 has none of, and float16's is refused by the config checks).
+        No host sync: the norm and the factor stay on the device."""
+        if not gradient_clip_val:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+
+    def on_train_end(self) -> None:
+        """On a GPU the count of bad steps in a row is read one step late: bad steps to the limit at the run's very
+        end would finish it as a success. Read once more here (one sync, once a run)."""
+        limit, in_a_row = self.cfg.optim.max_bad_steps, self.bad_steps.in_a_row
+        if limit > 0 and in_a_row is not None and float(in_a_row) >= limit:
+            path = Path(self.trainer.default_root_dir) / "checkpoints" / "last-good.ckpt"
+            self.trainer.save_checkpoint(path, weights_only=False)  # the bad steps were skipped: the last good state
+            raise FloatingPointError(
+                f"the last {int(in_a_row)} steps had a non-finite loss or gradient (step {self.global_step}); stopped "
+                f"without done.json. The last good weights are in {path}. Lower optim.lr, check the data, or raise "
+                f"optim.max_bad_steps.")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["bad_steps"] = self.bad_steps.state()  # [in a row, in all]: a resumed run keeps counting
 

@@ -160,3 +160,46 @@ if __name__ == "__main__":
     ckpts = {p.name: read_checkpoint(p)["global_step"] for p in (run / "checkpoints").glob("*.ckpt")}
     assert ckpts.get("step.ckpt") == 2 and all(step > 0 for step in ckpts.values())  # nothing from the launcher
     assert not (run / "done.json").exists()
+
+
+def test_bad_steps_to_the_limit_at_the_very_end_stop_the_run_when_the_count_is_read_late(make_cfg, inject,
+                                                                                         monkeypatch):
+    """On a GPU the count of bad steps in a row is read one step late (no sync in the step): the last three of
+    five steps bad, limit 3, would finish as a success; the run's end reads the count once more."""
+    from methods import guard
+
+    def lagged_push(self, x):  # the GPU's behaviour on the CPU: the previous step's value
+        previous, self._pending = getattr(self, "_pending", None), x.clone()
+        return None if previous is None else float(previous)
+
+    monkeypatch.setattr(guard.LaggedRead, "push", lagged_push)
+    inject["cb"] = Inject(nan_images={2, 3, 4})
+    cfg = make_cfg("trainer.limit_train_batches=5", "trainer.max_epochs=1", "optim.max_bad_steps=3")
+    with pytest.raises(FloatingPointError, match="the last 3 steps had a non-finite loss or gradient"):
+        train_mod.train(cfg)
+    (run,) = list(Path(cfg.runs_dir).glob("clip/*"))
+    assert (run / "checkpoints" / "last-good.ckpt").is_file() and not (run / "done.json").exists()
+
+
+def test_gradient_clipping_under_bf16_mixed_with_fused_adamw(make_cfg):
+    """Lightning's own clipping refuses fused AdamW under bf16-mixed; the lab clips on the device itself."""
+    run = train_mod.train(make_cfg("trainer.precision=bf16-mixed", "trainer.gradient_clip_val=0.5",
+                                   "trainer.limit_train_batches=3", "trainer.max_epochs=1"))
+    assert (run / "done.json").is_file()
+    module, _ = train_mod.build(make_cfg())
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.full_like(p, 3.0)
+    optimizer = torch.optim.AdamW(params, fused=True)
+    module.configure_gradient_clipping(optimizer, 0.5, "norm")
+    total = torch.stack([p.grad.norm() for p in params]).norm()
+    assert total == pytest.approx(0.5, rel=1e-2)  # (float32 sums over a million elements)
+    module.configure_gradient_clipping(optimizer, 0.01, "value")
+    assert all(p.grad.abs().max() <= 0.01 for p in params)
+
+
+def test_float16_mixed_precision_is_refused_with_the_reason(make_cfg):
+    import configs
+
+    with pytest.raises(configs.ConfigError, match="gradient scaler would override the non-finite guard"):
+        configs.validate(make_cfg("trainer.precision=16-mixed"))

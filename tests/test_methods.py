@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -237,3 +238,20 @@ def test_loss_terms_run_in_float32_under_bf16_autocast(make_cfg, method):
     module.float()
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_benchmark_that_gives_no_scene_graphs_says_so_for_the_knowledge_encoders_row(make_cfg, tmp_path):
+    """Structure-CLIP's row with the KEE equals its plain row wherever the captions come without a graph (Syn-Order's
+    shuffles; ARO files without Structure-CLIP's triples): the report says so instead of implying the KEE ran."""
+    from benchmarks.run import bench_module
+
+    cfg = make_cfg("method=structureclip", "method.kee_layers=1", "data.options.test_size=20")
+    module, _ = build(cfg)
+    module.eval()
+    bench = configs.compose("bench", ["bench.benchmarks=[syn_order,syn_relation]", "bench.batch_size=64"])
+    rows, _, notes = bench_module(module, cfg, bench, "run", "run")
+    assert [r["method"] for r in rows] == ["structureclip", "structureclip/plain"]
+    assert any(re.match(r"structureclip on syn_order: (\d+) of \1 captions had no scene graph", n) and
+               "equals the plain variant's" in n for n in notes)  # every distinct option of the 20 cases
+    assert not any("structureclip on syn_relation" in n for n in notes)  # its captions carry their graphs
+    assert not any(n.startswith("structureclip/plain on") for n in notes)
