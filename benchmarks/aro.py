@@ -100,7 +100,7 @@ def vg_relation(ctx: BenchContext) -> BenchResult:
     notes.append(f"VG-Relation: {len(cases)} cases; macro accuracy over the {len(kept)} relations left after ARO's "
                  f"{len(excluded)} excluded (symmetric) relations (ARO's table); vg_relation/all_relations: over all "
                  f"{len(per)}; a tie counts as wrong; chance 0.5")
-    return BenchResult(metrics, FAMILY, details=details, notes=notes)
+    return BenchResult(metrics, FAMILY, details=details, notes=notes, chance=dict.fromkeys(metrics, 0.5))
 
 
 @BENCHMARKS.register("vg_attribution")
@@ -112,7 +112,8 @@ def vg_attribution(ctx: BenchContext) -> BenchResult:
     kept = [d["accuracy"] for d in details if d["kept"]]
     notes.append(f"VG-Attribution: {len(cases)} cases; macro accuracy over the {len(kept)} of {len(per)} attribute "
                  f"pairs with at least {MIN_ATTRIBUTE_COUNT} cases (ARO's filter); a tie counts as wrong; chance 0.5")
-    return BenchResult({"vg_attribution": _mean(kept)}, FAMILY, details=details, notes=notes)
+    return BenchResult({"vg_attribution": _mean(kept)}, FAMILY, details=details, notes=notes,
+                       chance={"vg_attribution": 0.5})
 
 
 def default_tagger(ctx: BenchContext) -> Tagger:
@@ -197,17 +198,19 @@ def order_benchmark(ctx: BenchContext, dataset: str, name: str, what: str) -> Be
     image_of = torch.tensor([i for i, _ in cases])
     scores = score_options(image_feats[image_of], text.view(len(cases), k, -1))  # (N, D), (N, 5, D) -> (N, 5)
     correct = choice_correct(scores, 0, ties="right")
+    chance = sum(1 / len(set(row)) for _, row in cases) / len(cases)  # a shuffle equal to the original ties: right
     notes = notes_for(what, bad, encoded)
     notes.append(f"{what}: {len(cases)} captions of {len(entries)} images; the original against ARO's 4 shuffles "
                  f"(seed {ctx.spec.seed}; the trigram ones on NLTK's word_tokenize"
                  f"{'' if sentences else ', one sentence per caption (no punkt data)'}), all through ARO's "
-                 f"pre_caption(max_words={ORDER_MAX_WORDS}); a tie counts as right; chance 0.2")
+                 f"pre_caption(max_words={ORDER_MAX_WORDS}); a tie counts as right; chance {chance:.3f} (a shuffle "
+                 f"may equal the original)")
     several = sum(bool(MANY_SENTENCES.search(c.strip())) for (_, c, _), row in zip(captions, rows) if row is not None)
     if several and not sentences:
         notes.append(f"{what}: {several} captions have a sentence end inside ('.', '!' or '?' then more text); "
                      f"without NLTK's punkt data each was tokenized for the trigram shuffles as one sentence, where "
                      f"ARO's word_tokenize splits sentences first (python -m nltk.downloader punkt_tab)")
-    return BenchResult({name: correct.float().mean().item()}, FAMILY, notes=notes)
+    return BenchResult({name: correct.float().mean().item()}, FAMILY, notes=notes, chance={name: chance})
 
 
 @BENCHMARKS.register("coco_order")

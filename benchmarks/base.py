@@ -34,6 +34,7 @@ class BenchResult:
     family: str
     details: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    chance: dict[str, float] = field(default_factory=dict)  # a metric's accuracy by chance, where it has one (charts)
 
 
 # name -> benchmark(ctx) -> BenchResult

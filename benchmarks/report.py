@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 ID_COLUMNS = ("method", "run", "seed")
-NOT_METRICS = {*ID_COLUMNS, "label"}  # `label` names a chart bar (sweeps set it); it is no table column
+# `label` names a chart bar (sweeps set it), `chance` holds the metrics' chance levels for the charts: no table columns
+NOT_METRICS = {*ID_COLUMNS, "label", "chance"}
 
 
 def _fmt(value: Any) -> str:
@@ -58,6 +59,11 @@ def _chart(rows: list[dict[str, Any]], metrics: list[str], family: str, path: Pa
         bars = ax.bar(xs, ys, width, yerr=err, capsize=3 if err else 0, label=label)
         if labelled:
             ax.bar_label(bars, labels=["" if math.isnan(y) else f"{y:.2f}" for y in ys], fontsize=7)
+    chance = {m: v for r in rows for m, v in (r.get("chance") or {}).items()}
+    for k, m in enumerate(metrics):  # a dashed line across a metric's bars at its chance level
+        if m in chance:
+            ax.hlines(chance[m], k - 0.45, k + 0.45, colors="grey", linestyles="dashed", linewidth=1, zorder=3,
+                      label="chance" if not any(n in chance for n in metrics[:k]) else None)
     ax.set_xticks(range(len(metrics)), [m.split("/")[-1] for m in metrics])
     low, high = y_limits([float(r[m]) for r in rows for m in metrics if not _missing(r.get(m))])
     ax.set_ylim(low, high)

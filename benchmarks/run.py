@@ -147,7 +147,7 @@ def bench_module(module, run_cfg: DictConfig, cfg: DictConfig, run_label: str, f
         module.set_eval_variant(**settings)
         method = run_cfg.method.name + (f"/{variant}" if variant else "")
         ctx = BenchContext(module, module.preprocess_val, run_cfg, cfg.bench)
-        row = {"method": method, "run": run_label, "seed": run_cfg.seed}
+        row = {"method": method, "run": run_label, "seed": run_cfg.seed, "chance": {}}
         for name in cfg.bench.benchmarks:
             counts = getattr(module, "graph_counts", None)  # a method that reads each caption's graph at test time
             if counts is not None:
@@ -159,6 +159,7 @@ def bench_module(module, run_cfg: DictConfig, cfg: DictConfig, run_label: str, f
                     f"encoder added nothing to them" + (" (every caption: this row equals the plain variant's)"
                                                         if not counts[0] else ""))
             row.update(result.metrics)
+            row["chance"].update(result.chance)
             families.setdefault(result.family, [])
             families[result.family] += [m for m in result.metrics if m not in families[result.family]]
             notes += [n for n in result.notes if n not in notes]

@@ -54,4 +54,4 @@ def sugarcrepe(ctx: BenchContext) -> BenchResult:
     notes = notes_for("SugarCrepe", bad, encoded)
     notes.append(f"SugarCrepe: {len(cases)} cases in 7 subsets; a tie counts as wrong; chance 0.5; replace/swap/add "
                  "are the means of their subsets (the paper's groups); overall is the micro accuracy over all cases")
-    return BenchResult(metrics, FAMILY, details=details, notes=notes)
+    return BenchResult(metrics, FAMILY, details=details, notes=notes, chance=dict.fromkeys(metrics, 0.5))

@@ -141,7 +141,8 @@ def aggregate(results: list[tuple[dict[str, Any], dict[str, Any]]], metrics: lis
             label = ", ".join(f"{k}={v}" for k, v in key_point.items() if k != "method")
             label = row["method"] + (f" ({label})" if label else "")
             g = groups.setdefault(label, {"label": label, "method": row["method"], "point": key_point, "seeds": [],
-                                          "values": {}, "runs": []})
+                                          "values": {}, "runs": [], "chance": {}})
+            g["chance"].update(row.get("chance") or {})
             g["seeds"].append(point["seed"])
             g["runs"].append(row["run"])
             for m in metrics:
@@ -150,7 +151,7 @@ def aggregate(results: list[tuple[dict[str, Any], dict[str, Any]]], metrics: lis
     out = []
     for g in groups.values():
         row = {"label": g["label"], "method": g["method"], "point": g["point"], "n_seeds": len(g["seeds"]),
-               "runs": g["runs"], "seeds": g["seeds"]}
+               "runs": g["runs"], "seeds": g["seeds"], "chance": g["chance"]}
         for m, vs in g["values"].items():
             row[m] = statistics.fmean(vs)
             # the sample std (n - 1); with one value the spread is unknown, not 0

@@ -112,7 +112,7 @@ def swap_choice(ctx: BenchContext, option_graphs: list[list[SceneGraph]], metric
     """Each test image against its options, rendered from their graphs (the true one first; tie counts as wrong)."""
     options = [[render_caption(g) for g in row] for row in option_graphs]
     acc, _ = choice_benchmark(ctx, options, ties="wrong", option_graphs=option_graphs)
-    return BenchResult({metric: acc}, FAMILY_CHOICE, notes=[note])
+    return BenchResult({metric: acc}, FAMILY_CHOICE, notes=[note], chance={metric: 0.5})
 
 
 @BENCHMARKS.register("syn_relation")
@@ -148,7 +148,7 @@ def syn_order(ctx: BenchContext) -> BenchResult:
     # a shuffle may give the caption back, and a tie counts as right: a random scorer's accuracy is the mean of
     # 1 / (distinct options), not 1/5
     chance = sum(1 / len(set(o)) for o in options) / len(options)
-    return BenchResult({"syn_order": acc}, FAMILY_CHOICE,
+    return BenchResult({"syn_order": acc}, FAMILY_CHOICE, chance={"syn_order": chance},
                        notes=[f"Syn-Order: 4 ARO shuffles (seed {ctx.spec.seed}); tie counts as right, as in ARO; chance "
                               f"{chance:.3f} (a shuffle may equal the caption); no option carries a scene graph"])
 

@@ -127,3 +127,16 @@ def test_latex_escapes_what_latex_reads_as_markup():
     tex = latex_table([{"m": "a & b_c", "v": "0.5 (+0.01~)"}], ["m", "v"], caption="100% #1 {x} ^ $ \\")
     assert r"a \& b\_c" in tex and r"(+0.01$\sim$)" in tex
     assert r"100\% \#1 \{x\} \textasciicircum{} \$ \textbackslash{}" in tex
+
+
+def test_chance_levels_reach_the_charts_and_stay_out_of_the_tables(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn = []
+    real = Axes.hlines
+    monkeypatch.setattr(Axes, "hlines", lambda self, y, *a, **k: (drawn.append(y), real(self, y, *a, **k))[1])
+    rows = [{"method": "clip", "run": "r1", "a": 0.7, "b": 0.3, "chance": {"a": 0.5, "b": 0.2}},
+            {"method": "negclip", "run": "r2", "a": 0.8, "b": 0.4, "chance": {"a": 0.5, "b": 0.2}}]
+    paths = write_report(rows, tmp_path, families={"fam": ["a", "b"]})
+    assert drawn == [0.5, 0.2]  # one dashed line per metric, at its chance level
+    assert "chance" not in paths["csv"].read_text().splitlines()[0] and "chance" not in paths["md"].read_text()
