@@ -37,7 +37,7 @@ from benchmarks.base import BENCHMARKS, BenchContext, BenchResult
 from benchmarks.formats import VGCase, pre_caption, read_vg, require
 from benchmarks.real import (ImageRef, bad_records, data_root, encode_refs, karpathy, nonempty, notes_for, usable,
                              use_amp)
-from benchmarks.scoring import choice_correct, encode_unique_texts, score_options
+from benchmarks.scoring import choice_correct, encode_unique_texts, score_options, tie_right_chance
 from datamodules.images import BadInput, BadRecords
 from datamodules.negatives import order_negatives
 
@@ -198,7 +198,7 @@ def order_benchmark(ctx: BenchContext, dataset: str, name: str, what: str) -> Be
     image_of = torch.tensor([i for i, _ in cases])
     scores = score_options(image_feats[image_of], text.view(len(cases), k, -1))  # (N, D), (N, 5, D) -> (N, 5)
     correct = choice_correct(scores, 0, ties="right")
-    chance = sum(1 / len(set(row)) for _, row in cases) / len(cases)  # a shuffle equal to the original ties: right
+    chance = tie_right_chance([row for _, row in cases])  # a shuffle may equal the original
     notes = notes_for(what, bad, encoded)
     notes.append(f"{what}: {len(cases)} captions of {len(entries)} images; the original against ARO's 4 shuffles "
                  f"(seed {ctx.spec.seed}; the trigram ones on NLTK's word_tokenize"

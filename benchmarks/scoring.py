@@ -139,6 +139,12 @@ def score_options(image_features: Tensor, option_features: Tensor) -> Tensor:
     return torch.einsum("nd,nkd->nk", image_features, option_features)  # (N, D) x (N, K, D) -> (N, K)
 
 
+def tie_right_chance(options: Sequence[Sequence[str]]) -> float:
+    """A random scorer's accuracy on choices whose ties count as right (ARO's Order rule): an option equal to the
+    true one ties with it, so each case's chance is 1 / (its distinct options), not 1 / (its options)."""
+    return sum(1 / len(set(row)) for row in options) / len(options)
+
+
 def choice_correct(scores: Tensor, true_index: int | Tensor, *, ties: Ties) -> Tensor:
     """Per item (N,), whether the true option wins: strictly (ties="wrong", as ARO's VG-Relation/Attribution and
     SugarCrepe count) or with ties allowed (ties="right", as ARO's COCO/Flickr-Order count). No default: choose."""

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.base import BENCHMARKS, BenchContext, BenchResult
 from benchmarks.scoring import (choice_correct, encode_image_dataset, encode_unique_texts, retrieval_metrics,
-                                score_options)
+                                score_options, tie_right_chance)
 from datamodules.negatives import order_negatives, swap_attributes, swap_relation
 from datamodules.graph import SceneGraph
 from datamodules.shapes import ShapesWorld, converse, flip_predicate, holds, render_caption, word_tags
@@ -145,9 +145,7 @@ def syn_order(ctx: BenchContext) -> BenchResult:
         words, tags = zip(*word_tags(caption))
         options.append([caption, *order_negatives(list(words), list(tags), rng)])
     acc, _ = choice_benchmark(ctx, options, ties="right")  # a shuffle has no scene graph: no option gets one
-    # a shuffle may give the caption back, and a tie counts as right: a random scorer's accuracy is the mean of
-    # 1 / (distinct options), not 1/5
-    chance = sum(1 / len(set(o)) for o in options) / len(options)
+    chance = tie_right_chance(options)  # a shuffle may give the caption back
     return BenchResult({"syn_order": acc}, FAMILY_CHOICE, chance={"syn_order": chance},
                        notes=[f"Syn-Order: 4 ARO shuffles (seed {ctx.spec.seed}); tie counts as right, as in ARO; chance "
                               f"{chance:.3f} (a shuffle may equal the caption); no option carries a scene graph"])
