@@ -50,9 +50,9 @@ def find_runs(cfg: DictConfig) -> list[Path]:
     root = Path(cfg.runs_dir)
     found, unfinished = [], []
     for method_dir in sorted(p for p in root.glob("*") if p.is_dir()):
-        runs = [r for r in method_dir.iterdir() if (r / "checkpoints" / f"{cfg.ckpt}.ckpt").is_file()]
-        done = sorted((finished_at(r), r.name, r) for r in runs if finished_at(r) is not None)
-        unfinished += [r for r in runs if finished_at(r) is None]
+        runs = {r: finished_at(r) for r in method_dir.iterdir() if (r / "checkpoints" / f"{cfg.ckpt}.ckpt").is_file()}
+        done = sorted((at, r.name, r) for r, at in runs.items() if at is not None)
+        unfinished += [r for r, at in runs.items() if at is None]
         if done:
             found.append(done[-1][2])
     if not found:

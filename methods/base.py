@@ -246,12 +246,15 @@ class ContrastiveMethod(L.LightningModule):
         if total is not None:
             self.log("train/skipped_steps", total, on_step=True, on_epoch=False, batch_size=1)
         if in_a_row is not None and in_a_row >= limit:
-            path = Path(self.trainer.default_root_dir) / "checkpoints" / "last-good.ckpt"
-            self.trainer.save_checkpoint(path, weights_only=False)  # full state: resumable
-            raise FloatingPointError(
-                f"{int(in_a_row)} steps in a row had a non-finite loss or gradient (step "
-                f"{self.global_step}); stopped. The last good weights are in {path}. Lower optim.lr, check the "
-                f"data, or raise optim.max_bad_steps.")
+            self.stop_for_bad_steps(in_a_row)
+
+    def stop_for_bad_steps(self, in_a_row: float) -> None:
+        """Write last-good.ckpt (the bad steps changed nothing: the last good state, resumable) and stop the run."""
+        path = Path(self.trainer.default_root_dir) / "checkpoints" / "last-good.ckpt"
+        self.trainer.save_checkpoint(path, weights_only=False)
+        raise FloatingPointError(
+            f"{int(in_a_row)} steps in a row had a non-finite loss or gradient (step {self.global_step}); stopped. "
+            f"The last good weights are in {path}. Lower optim.lr, check the data, or raise optim.max_bad_steps.")
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -271,12 +274,7 @@ class ContrastiveMethod(L.LightningModule):
         end would finish it as a success. Read once more here (one sync, once a run)."""
         limit, in_a_row = self.cfg.optim.max_bad_steps, self.bad_steps.in_a_row
         if limit > 0 and in_a_row is not None and float(in_a_row) >= limit:
-            path = Path(self.trainer.default_root_dir) / "checkpoints" / "last-good.ckpt"
-            self.trainer.save_checkpoint(path, weights_only=False)  # the bad steps were skipped: the last good state
-            raise FloatingPointError(
-                f"the last {int(in_a_row)} steps had a non-finite loss or gradient (step {self.global_step}); stopped "
-                f"without done.json. The last good weights are in {path}. Lower optim.lr, check the data, or raise "
-                f"optim.max_bad_steps.")
+            self.stop_for_bad_steps(float(in_a_row))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["bad_steps"] = self.bad_steps.state()  # [in a row, in all]: a resumed run keeps counting

@@ -175,7 +175,7 @@ def test_bad_steps_to_the_limit_at_the_very_end_stop_the_run_when_the_count_is_r
     monkeypatch.setattr(guard.LaggedRead, "push", lagged_push)
     inject["cb"] = Inject(nan_images={2, 3, 4})
     cfg = make_cfg("trainer.limit_train_batches=5", "trainer.max_epochs=1", "optim.max_bad_steps=3")
-    with pytest.raises(FloatingPointError, match="the last 3 steps had a non-finite loss or gradient"):
+    with pytest.raises(FloatingPointError, match="3 steps in a row had a non-finite loss or gradient .*step 5"):
         train_mod.train(cfg)
     (run,) = list(Path(cfg.runs_dir).glob("clip/*"))
     assert (run / "checkpoints" / "last-good.ckpt").is_file() and not (run / "done.json").exists()
