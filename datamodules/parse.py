@@ -36,6 +36,7 @@ from datamodules.parse_rules import RULES_VERSION, ParsedCaption, graph_from_sen
 __all__ = ["BACKENDS", "CaptionNotParsed", "CaptionParser", "ParsedCaption", "ParserConfig", "ParserModelMissing",
            "graph_from_sentence"]
 PROCESSORS = "tokenize,pos,lemma,depparse"
+AGENT_PROBE = "A horse is ridden by a man."  # R7: does the parser label "man" obl:agent?
 SHARD_SIZE = 10_000  # captions per cache shard: an interrupted run loses at most this many parses
 
 
@@ -48,6 +49,10 @@ class ParserConfig:
     conllu: list[str] = field(default_factory=list)  # pre-parsed CoNLL-U files ('# text = <caption>' per sentence)
     use_gpu: bool | None = None  # None: the GPU when there is one
     batch_size: int = 256  # captions per call to the backend
+    # Does the parser label passive agents `obl:agent` (rule R7)? None: ask it (Stanza: its parse of a probe
+    # caption; CoNLL-U files: whether any of their sentences has the label). With False a plain `obl` "by" of a
+    # passive verb is read as the agent ("ridden by a man"), with True as a place ("parked by a tree").
+    agent_label: bool | None = None
     cache_dir: str = ".cache/parses"
 
     def __post_init__(self) -> None:
@@ -75,6 +80,8 @@ class Backend(Protocol):
     def version(self) -> str: ...
 
     def parse(self, texts: list[str]) -> list[Any]: ...
+
+    def labels_agents(self) -> bool: ...
 
 
 BACKENDS: Registry[Callable[[ParserConfig], Backend]] = Registry("caption parser backend")
@@ -104,7 +111,7 @@ class StanzaBackend:
     """Stanza's English pipeline from a local directory (`download_method=None`), created on first use."""
 
     def __init__(self, cfg: ParserConfig) -> None:
-        self.cfg, self.dir, self._nlp, self._version = cfg, model_dir(cfg), None, None
+        self.cfg, self.dir, self._nlp, self._version, self._agents = cfg, model_dir(cfg), None, None, None
 
     def _check(self) -> None:
         if not self.dir.is_dir():
@@ -144,6 +151,14 @@ class StanzaBackend:
     def parse(self, texts: list[str]) -> list[Any]:
         return list(self.pipeline().bulk_process(list(texts)))
 
+    def labels_agents(self) -> bool:
+        """Whether the model labels a passive agent `obl:agent`, read from its parse of a probe caption (the
+        answer is the model's, which `version()` names)."""
+        if self._agents is None:
+            doc = self.pipeline().bulk_process([AGENT_PROBE])[0]
+            self._agents = any(w.deprel == "obl:agent" for s in doc.sentences for w in s.words)
+        return self._agents
+
 
 @BACKENDS.register("conllu")
 class ConlluOnly:
@@ -160,6 +175,9 @@ class ConlluOnly:
             f"{len(texts)} caption(s) are neither cached nor in the CoNLL-U files {self.files}, and backend 'conllu' "
             f"parses nothing itself; first: {texts[0]!r}. Add their parses to a file, or use backend 'stanza'."
         )
+
+    def labels_agents(self) -> bool:
+        return True  # it parses nothing
 
 
 class ConlluFiles:
@@ -191,6 +209,11 @@ class ConlluFiles:
                         raise ValueError(f"{p}: sentence {k} has no '# text = ' comment, so no caption matches it")
                     self._sentences.setdefault(s.text, (s, f"{p}: sentence {k}"))
         return self._sentences
+
+    def labels_agents(self) -> bool:
+        """Whether the files' parser labels passive agents `obl:agent`: some sentence of theirs has the label.
+        Files without one keep the older reading (a plain `obl` "by" of a passive verb is the agent)."""
+        return any(w.deprel == "obl:agent" for s, _ in self.sentences().values() for w in s.words)
 
 
 class ParseCache:
@@ -268,7 +291,20 @@ class CaptionParser:
     def version(self) -> str:
         """Names every parse this parser can give (the CoNLL-U files' version and the backend's), for caches of its
         output such as a data source's prepared records."""
-        return "+".join(([self.files.version] if self.files is not None else []) + [self.backend.version()])
+        return "+".join(([self._files_version()] if self.files is not None else []) + [self._backend_version()])
+
+    def _setting(self) -> str:
+        """An explicit `agent_label` is part of the cache keys; asked of the parser, the parser's version names it."""
+        return "" if self.cfg.agent_label is None else f"-agents{int(self.cfg.agent_label)}"
+
+    def _files_version(self) -> str:
+        return self.files.version + self._setting()
+
+    def _backend_version(self) -> str:
+        return self.backend.version() + self._setting()
+
+    def _agent_label(self, source: Any) -> bool:
+        return self.cfg.agent_label if self.cfg.agent_label is not None else source.labels_agents()
 
     def _from_cache(self, version: str, texts: list[str], found: dict[str, ParsedCaption]) -> list[str]:
         for t in texts:
@@ -286,27 +322,30 @@ class CaptionParser:
         found: dict[str, ParsedCaption] = {}
         todo = list(dict.fromkeys(texts))
         if self.files is not None and todo:
-            todo = self._from_cache(self.files.version, todo, found)
+            version = self._files_version()
+            todo = self._from_cache(version, todo, found)
             if todo:
                 sentences = self.files.sentences()
-                new = []
+                new, agents = [], self._agent_label(self.files)
                 for t in (t for t in todo if t in sentences):
                     sentence, where = sentences[t]
                     try:
-                        new.append(graph_from_sentence(sentence, text=t))
+                        new.append(graph_from_sentence(sentence, text=t, agent_label=agents))
                     except ValueError as e:
                         raise ValueError(f"{where}: {e}") from None
-                self.cache.put(self.files.version, new)
+                self.cache.put(version, new)
                 found.update((p.text, p) for p in new)
                 self.counts["conllu"] += len(new)
                 todo = [t for t in todo if t not in found]
         if todo:
-            version = self.backend.version()
+            version = self._backend_version()
             todo = self._from_cache(version, todo, found)
             pending: list[ParsedCaption] = []
             for start in range(0, len(todo), self.cfg.batch_size):
                 chunk = todo[start:start + self.cfg.batch_size]
-                pending += [graph_from_sentence(doc, text=t) for t, doc in zip(chunk, self.backend.parse(chunk))]
+                docs = self.backend.parse(chunk)
+                agents = self._agent_label(self.backend)
+                pending += [graph_from_sentence(doc, text=t, agent_label=agents) for t, doc in zip(chunk, docs)]
                 if len(pending) >= SHARD_SIZE or start + self.cfg.batch_size >= len(todo):
                     self.cache.put(version, pending)
                     found.update((p.text, p) for p in pending)

@@ -23,7 +23,10 @@ Relations (subject, predicate, object); a verb is named by its lemma plus its pa
   R6 acl:relcl through a relative pronoun:  "a man who rides a horse"         -> (man, ride, horse);
      a relative object too:                 "a horse that a man rides"        -> (man, ride, horse)
   R7 passive, reversed to the active:       "a horse ridden by a man"         -> (man, ride, horse)
-     (nsubj:pass or a passive acl, with obl:agent or obl + "by")
+     (nsubj:pass or a passive acl, with obl:agent). A parser that labels agents `obl:agent` (Stanza's current
+     English models) leaves a plain `obl` "by" locative: "a bike parked by a tree" -> (bike, park by, tree).
+     For one that does not (UD English before EWT 2.13), a plain `obl` "by" of a passive verb is the agent
+     (`agent_label=False`), and the locative reading is lost.
   R8 multi-word prepositions, one predicate: fixed ("next to" as case + fixed), an adjective or adverb head
      ("next" + obl "to"), and a noun from PREP_NOUNS with "of" ("in front of", "on top of", "to the left of"):
                                             "a man standing in front of a bus" -> (man, stand in front of, bus)
@@ -43,7 +46,7 @@ from typing import Any
 
 from datamodules.graph import Entity, Relation, SceneGraph
 
-RULES_VERSION = "2"  # 2: object control (R10). Bump whenever a rule changes: it is part of every cache key
+RULES_VERSION = "3"  # 2: object control (R10); 3: R7 by the parser's agent label. Bump whenever a rule changes: it is part of every cache key
 NOUNS = ("NOUN", "PROPN")
 VERBS = ("VERB", "AUX")
 PREP_NOUNS = frozenset({"front", "top", "left", "right", "side", "middle", "back", "bottom", "edge", "center", "centre",
@@ -118,8 +121,8 @@ class _Word:
 class _Tree:
     """The dependency tree of one caption, with the helpers the rules share."""
 
-    def __init__(self, words: list[_Word]) -> None:
-        self.w = words
+    def __init__(self, words: list[_Word], agent_label: bool = True) -> None:
+        self.w, self.agent_label = words, agent_label
         self.kids: list[list[int]] = [[] for _ in words]
         for i, w in enumerate(words):
             k, steps = i, 0
@@ -260,7 +263,7 @@ def _relations_of(t: _Tree, o: int) -> list[tuple[int, str, int]]:
     if verb and dep in ("obj", "iobj") and not prep:  # R1
         return [(s, t.verb_pred(h), obj) for s in t.subjects(h)]
     if verb and prep and t.base(c) in ("obl", "advmod"):
-        if dep == "obl:agent" or (prep == "by" and t.patients(h)):  # R7: the agent is the subject
+        if dep == "obl:agent" or (not t.agent_label and prep == "by" and t.patients(h)):  # R7: agent -> subject
             return [(obj, t.verb_pred(h), p) for p in t.patients(h)]
         pred = prep if t.w[h].lemma.lower() == "be" else f"{t.verb_pred(h)} {prep}"  # R2
         return [(s, pred, obj) for s in t.subjects(h)]
@@ -319,13 +322,14 @@ def _spans(text: str, tokens: list[Any]) -> list[tuple[int, int]]:
     return spans
 
 
-def graph_from_sentence(sentence: Any, text: str | None = None) -> ParsedCaption:
+def graph_from_sentence(sentence: Any, text: str | None = None, agent_label: bool = True) -> ParsedCaption:
     """The scene graph of one parsed caption (a stanza Sentence, or a Document whose sentences are joined),
-    with the word positions negatives need. `text` defaults to the sentence's (a CoNLL-U `# text =`)."""
+    with the word positions negatives need. `text` defaults to the sentence's (a CoNLL-U `# text =`).
+    `agent_label`: the parser labels passive agents `obl:agent`, so a plain `obl` "by" is locative (R7)."""
     words, tokens = _words(sentence)
     text = text if text is not None else (getattr(sentence, "text", None) or " ".join(t.text for t in tokens))
     try:
-        t = _Tree(words)
+        t = _Tree(words, agent_label)
     except ValueError as e:
         raise ValueError(f"caption {text!r}: {e}") from None
     objects = [i for i in range(len(words)) if t.is_object(i)]

@@ -13,7 +13,7 @@ from datamodules.parse import (CacheWarning, CaptionNotParsed, CaptionParser, Pa
                                ParserModelMissing, graph_from_sentence, main)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "captions.conllu"
-META = re.compile(r"^# (text|rules|objects|relations) = (.*)$")
+META = re.compile(r"^# (text|rules|objects|relations|agent_label) = (.*)$")
 
 
 def fixture_meta() -> list[dict[str, str]]:
@@ -48,7 +48,7 @@ def render(p: ParsedCaption) -> tuple[str, str]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c["text"] for c in CASES])
 def test_rules_give_the_expected_graph(case, sentences):
-    p = graph_from_sentence(sentences[case["text"]])
+    p = graph_from_sentence(sentences[case["text"]], agent_label=case.get("agent_label", "1") == "1")
     assert render(p) == (case["objects"], case["relations"])
     assert len(p.words) == len(p.xpos) == len(p.spans)
     for ws, o in zip(p.object_words, p.graph.objects):  # each name's words are where the text says they are
@@ -126,6 +126,11 @@ class FakeBackend:
     def parse(self, texts):
         self.calls.append(list(texts))
         return [self.sentences[t] for t in texts]
+
+    def labels_agents(self) -> bool:
+        return self.agents
+
+    agents = True
 
 
 def parser_with(tmp_path, sentences, version="fake-1", batch_size=256) -> tuple[CaptionParser, FakeBackend]:
@@ -226,6 +231,37 @@ def test_conllu_files_need_no_model_and_are_cached(tmp_path, sentences):
         third.parse(["A man riding a horse.", " "])
 
 
+def test_a_plain_obl_by_is_the_agent_only_for_a_parser_without_the_agent_label(sentences):
+    """R7: a parser that labels agents `obl:agent` means a plain `obl` "by" as a place; for one that does not,
+    the lab reads a passive verb's "by" as its agent (and a locative one is then misread, the stated cost)."""
+    kite, bike = sentences["A kite flown by a young boy."], sentences["A bike parked by a tree."]
+    assert render(graph_from_sentence(kite, agent_label=True))[1] == "kite|fly by|boy"
+    assert render(graph_from_sentence(kite, agent_label=False))[1] == "boy|fly|kite"
+    assert render(graph_from_sentence(bike, agent_label=True))[1] == "bike|park by|tree"
+    assert render(graph_from_sentence(bike, agent_label=False))[1] == "tree|park|bike"
+
+
+def test_the_agent_label_is_asked_of_the_parser_unless_configured(tmp_path, sentences):
+    kite = "A kite flown by a young boy."
+    old_style = tmp_path / "old.conllu"  # a parser without obl:agent: only plain obl in its files
+    old_style.write_text("".join(b + "\n\n" for b in FIXTURE.read_text(encoding="utf-8").split("\n\n")
+                                 if f"# text = {kite}" in b or "# text = A bike parked by a tree." in b))
+
+    def relations(conllu, cache, **kw):
+        cfg = ParserConfig(backend="conllu", conllu=[str(conllu)], cache_dir=str(tmp_path / cache), **kw)
+        return render(CaptionParser(cfg).parse([kite])[0])[1]
+
+    assert relations(old_style, "a") == "boy|fly|kite"
+    assert relations(FIXTURE, "b") == "kite|fly by|boy"  # the fixture's other sentences use obl:agent
+    assert relations(FIXTURE, "b", agent_label=False) == "boy|fly|kite"  # a setting of its own in the cache
+    assert relations(FIXTURE, "b") == "kite|fly by|boy"
+    assert relations(old_style, "a", agent_label=True) == "kite|fly by|boy"
+    for agents, expected in ((False, "boy|fly|kite"), (True, "kite|fly by|boy")):
+        parser, backend = parser_with(tmp_path / f"fake{agents}", sentences)
+        backend.agents = agents
+        assert render(parser.parse([kite])[0])[1] == expected
+
+
 def test_bad_conllu_files_are_named(tmp_path):
     no_text = tmp_path / "no_text.conllu"
     no_text.write_text("1\tDogs\tdog\tNOUN\tNNS\t_\t0\troot\t_\t_\n\n")
@@ -298,6 +334,10 @@ def test_stanza_backend_runs_offline_and_batched(tmp_path, sentences, monkeypatc
     assert version.startswith(f"r{parse_rules.RULES_VERSION}-stanza{stanza.__version__}-")
     (d / "en" / "depparse" / "combined.pt").write_bytes(b"x" * 11)  # a different model: a different version
     assert CaptionParser(cfg).backend.version() != version
+    assert parser.backend.labels_agents() and ["A horse is ridden by a man."] in parser.backend.pipeline().batches
+    old_labels = sentences["A horse is ridden by a man."].words[6]  # "man", obl:agent
+    monkeypatch.setattr(old_labels, "deprel", "obl")  # a model that does not label agents
+    assert not CaptionParser(cfg).backend.labels_agents()
 
 
 def test_command_prints_captions_per_second(tmp_path, capsys):
