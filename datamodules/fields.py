@@ -99,7 +99,10 @@ def granular_text_field(sample: Sample, caption_index: int, ctx: FieldContext) -
         choices = [". ".join(sentences[:k]) for k in range(1, len(sentences) + 1)]
     choices = list(sample.partial_captions) + choices
     text = ctx.rng.choice(choices)
-    return {"text": ctx.tokenize([text])[0], "caption": text}
+    # caption_key: the same caption drawn for two images of a batch is a true match of both (partial captions
+    # repeat: about 40% of a shapes-world batch of 128 has a twin), which the loss can leave out of its negatives
+    return {"text": ctx.tokenize([text])[0], "caption": text,
+            "caption_key": torch.tensor(phrase_key(text), dtype=torch.long)}
 
 @FIELDS.register("caption_graph")
 def caption_graph_field(sample: Sample, caption_index: int, ctx: FieldContext) -> Any:

@@ -42,10 +42,12 @@ def gather_with_grad(x: Tensor) -> Tensor:
     rank, world = dist_info()
     if world == 1:
         return x
-    # an autograd-aware gather: its backward sums every rank's gradient for x (traceable by torch.compile)
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    # an autograd-aware gather: its backward sums every rank's gradient for x (traceable by torch.compile);
+    # all_gather_single_autograd where torch has it (its older name warns that it is deprecated from 2.14)
+    import torch.distributed._functional_collectives as fc
 
-    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    return gather(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 class ContrastiveMethod(L.LightningModule):

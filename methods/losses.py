@@ -18,22 +18,29 @@ def positive_columns(b: int, rank: int, device: torch.device) -> Tensor:
 
 def contrastive_loss(image_features: Tensor, text_features: Tensor, all_image_features: Tensor,
                      all_text_features: Tensor, logit_scale: Tensor, rank: int = 0, *,
-                     all_extra_text: Tensor | None = None, all_extra_valid: Tensor | None = None) -> Tensor:
+                     all_extra_text: Tensor | None = None, all_extra_valid: Tensor | None = None,
+                     same: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE: this rank's rows against the global batch. Features are L2-normalised.
 
     `all_extra_text` (N_extra, D) are extra columns for image->text only (NegCLIP's hard negative captions);
     `all_extra_valid` (N_extra,) masks out the ones that do not exist. Text->image sees only the positives'
     images, as NegCLIP's reference does (`logits_per_text[:len(logits_per_image)]`).
+    `same` (B, W*B): pairs that are true matches besides the positive (two images drawn with one caption), left
+    out of both directions' softmaxes.
     """
     labels = positive_columns(image_features.shape[0], rank, image_features.device)
     texts = all_text_features
     logits_per_image = logit_scale * image_features @ texts.T  # (B, W*B)
+    logits_per_text = logit_scale * text_features @ all_image_features.T  # (B, W*B)
+    if same is not None:
+        others = same & (labels[:, None] != torch.arange(same.shape[1], device=same.device))
+        logits_per_image = logits_per_image.masked_fill(others, float("-inf"))
+        logits_per_text = logits_per_text.masked_fill(others, float("-inf"))
     if all_extra_text is not None:
         extra = logit_scale * image_features @ all_extra_text.T  # (B, N_extra)
         if all_extra_valid is not None:
             extra = extra.masked_fill(~all_extra_valid[None, :], float("-inf"))
         logits_per_image = torch.cat([logits_per_image, extra], dim=1)  # (B, W*B + N_extra)
-    logits_per_text = logit_scale * text_features @ all_image_features.T  # (B, W*B)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
@@ -156,12 +163,18 @@ def masked_logits(images: Tensor, masks: Tensor, texts: Tensor, scale: float | T
 
 
 def smart_alignment_losses(images: Tensor, masks: Tensor, texts: Tensor, all_images: Tensor, all_masks: Tensor,
-                           all_texts: Tensor, scale: float | Tensor, rank: int = 0) -> tuple[Tensor, Tensor]:
+                           all_texts: Tensor, scale: float | Tensor, rank: int = 0,
+                           same: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """SmartCLIP's two masked contrastive terms, as released: `sidm` (same image, each candidate caption with
     its own mask: image i against every caption j of the global batch) and `dism` (same mask, different
     images: caption i with its mask against every image). images (B, D) unnormalised; masks (B, D);
-    texts (B, D) normalised; all_* their global batch (W*B, D)."""
+    texts (B, D) normalised; all_* their global batch (W*B, D). `same` (B, W*B): columns whose caption is row
+    i's own (another image drawn with the same caption), left out of both softmaxes (not in the release)."""
     target = positive_columns(images.shape[0], rank, images.device)
     sidm = masked_logits(images, all_masks, all_texts, scale)  # (B, W*B)
     dism = masked_logits(all_images, masks, texts, scale).T  # (W*B, B) -> (B, W*B)
-    return F.cross_entropy(sidm, target), F.cross_entropy(dism, target)
+    if same is None:
+        return F.cross_entropy(sidm, target), F.cross_entropy(dism, target)
+    b = images.shape[0]
+    ones = sidm.new_ones(b)
+    return masked_infonce_sum(sidm, target, same, ones) / b, masked_infonce_sum(dism, target, same, ones) / b

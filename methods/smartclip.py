@@ -10,7 +10,8 @@ frozen). The mask network trains at its own learning rate (1e-3, no weight decay
 base module's `own_param_groups`. Captions of several granularities come from the `granular_text` field
 (partial captions and sentence prefixes). Inference uses the plain CLIP towers; the mask network is unused.
 
-Departure, stated: the release's mask width is the text width, equal to the embedding width in its models;
+Departures, stated: a caption drawn for two images of the global batch is a negative of neither
+(`exclude_duplicates`; the release's long captions rarely repeat, the lab's partial captions do). The release's mask width is the text width, equal to the embedding width in its models;
 where they differ a linear map to the embedding width is added (not for the default model).
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
 from methods.base import METHODS, ContrastiveMethod, dist_info
-from methods.losses import smart_alignment_losses
+from methods.losses import contrastive_loss, smart_alignment_losses
 from methods.towers import encode_text_tokens
 
 
@@ -73,6 +74,10 @@ class SmartCLIP(ContrastiveMethod):
         mask_warmup_steps: int = 0
         granularity: bool = True  # captions of random granularity (granular_text); false: the data's captions
         masked: bool = True  # false: no mask network, plain InfoNCE on the same captions (the mask's ablation)
+        # a caption drawn for two images of the global batch is a negative of neither: left out of every softmax
+        # (with `masked` false too). Not in the release, whose long captions rarely repeat; the shapes world's
+        # partial captions do (about 40% of a batch of 128 has a twin). False: as released
+        exclude_duplicates: bool = True
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg)
@@ -98,9 +103,11 @@ class SmartCLIP(ContrastiveMethod):
 
     def masks(self, states: Tensor) -> Tensor:
         """(B, D) masks from text-token states (detached: the mask network does not train the text tower)."""
-        soft = torch.sigmoid(self.mask_net(states.detach()))  # (B, D)
-        # straight-through: the forward value is exactly 0/1 (soft - soft.detach() is exactly 0), the gradient soft's
-        return soft if self.mcfg.soft_mask else (soft >= 0.5).float() + (soft - soft.detach())
+        logits = self.mask_net(states.detach())  # (B, D)
+        soft = torch.sigmoid(logits)
+        # straight-through: the forward value is exactly 0/1 (soft - soft.detach() is exactly 0), the gradient soft's.
+        # On: logit >= 0, i.e. sigmoid >= 0.5 in exact arithmetic (a bf16 sigmoid of a logit just below 0 rounds to 0.5)
+        return soft if self.mcfg.soft_mask else (logits >= 0).to(soft.dtype) + (soft - soft.detach())
 
     def encode(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         if self.mask_net is None:
@@ -109,14 +116,24 @@ class SmartCLIP(ContrastiveMethod):
         text, states = encode_text_tokens(self.model, batch["text"])  # every position, as the release's mask net sees
         return {"image_raw": image, "text_features": F.normalize(text, dim=-1), "mask": self.masks(states)}
 
+    def same_captions(self, batch: dict[str, Any]) -> Tensor | None:
+        """(B, W*B): True where column j's caption is row i's (its own column included), or None when off."""
+        if not self.mcfg.exclude_duplicates or "caption_key" not in batch:
+            return None
+        key = batch["caption_key"]
+        return key[:, None] == self.gather(key)[None, :]
+
     def loss_terms(self, batch: dict[str, Any], feats: dict[str, Tensor]) -> dict[str, Tensor]:
-        if self.mask_net is None:
-            return super().loss_terms(batch, feats)  # InfoNCE with the learned scale
         rank, _ = dist_info()
+        same = self.same_captions(batch)
+        if self.mask_net is None:  # InfoNCE with the learned scale
+            img, txt = feats["image_features"], feats["text_features"]
+            return {"contrastive_loss": contrastive_loss(img, txt, self.gather(img), self.gather(txt),
+                                                         feats["logit_scale"], rank, same=same)}
         img, mask, txt = feats["image_raw"], feats["mask"], feats["text_features"]
         scale = self.mcfg.scale if self.mcfg.scale > 0 else self.model.logit_scale.exp()
         sidm, dism = smart_alignment_losses(img, mask, txt, self.gather(img), self.gather(mask), self.gather(txt),
-                                            scale, rank)
+                                            scale, rank, same=same)
         terms = {"sidm_loss": self.mcfg.align_weight * sidm, "dism_loss": self.mcfg.align_weight * dism,
                  "mask_dims": (mask.detach() >= 0.5).float().sum(dim=1).mean()}  # logged: dimensions kept
         if self.mcfg.sparsity_weight > 0:

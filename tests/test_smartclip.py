@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from datamodules.datamodule import collate
-from datamodules.fields import FieldContext, granular_text_field
+from datamodules.fields import FieldContext, granular_text_field, phrase_key
 from datamodules.source import Sample
 from methods.base import lr_lambda
-from methods.losses import masked_logits, smart_alignment_losses
+from methods.losses import contrastive_loss, masked_logits, smart_alignment_losses
 from methods.train import build
 
 
@@ -65,7 +67,7 @@ def test_loss_terms_and_frozen_scale(make_cfg):
     feats = module.encode(batch)
     terms = module.loss_terms(batch, feats)
     sidm, dism = smart_alignment_losses(feats["image_raw"], feats["mask"], feats["text_features"], feats["image_raw"],
-                                        feats["mask"], feats["text_features"], 100.0)
+                                        feats["mask"], feats["text_features"], 100.0, same=module.same_captions(batch))
     torch.testing.assert_close(terms["sidm_loss"], 10 * sidm)
     torch.testing.assert_close(terms["dism_loss"], 10 * dism)
     torch.testing.assert_close(terms["sparsity_loss"], 2 * feats["mask"].abs().mean())
@@ -75,6 +77,79 @@ def test_loss_terms_and_frozen_scale(make_cfg):
     plain, _, _ = smart(make_cfg, "method.masked=false")  # the captions without the mask: CLIP's InfoNCE
     assert plain.mask_net is None and plain.own_param_groups() == {} and plain.model.logit_scale.requires_grad
     assert set(plain.loss_terms(batch, plain.encode(batch))) == {"contrastive_loss"}
+
+
+def ce_without(row: list[float], target: int, left_out: set[int]) -> float:
+    kept = [v for j, v in enumerate(row) if j == target or j not in left_out]
+    return -(row[target] - math.log(sum(math.exp(v) for v in kept)))
+
+
+def test_a_caption_drawn_twice_is_a_negative_of_neither():
+    """Items 0 and 2 drew one caption: each is left out of the other's softmaxes (both SmartCLIP terms and the
+    masked=false InfoNCE), by hand and over two ranks; the positive itself always stays."""
+    g = torch.Generator().manual_seed(1)
+    img = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    txt = F.normalize(torch.randn(4, 6, generator=g, dtype=torch.float64), dim=-1)
+    mask = (torch.rand(4, 6, generator=g) > 0.4).double()
+    key = torch.tensor([7, 8, 7, 9])
+    same = key[:, None] == key[None, :]
+    twin = {0: {2}, 1: set(), 2: {0}, 3: set()}
+    direct = masked_logits(img, mask, txt, 100.0).tolist()  # [i][j]: image i under caption j's mask
+    sidm = sum(ce_without(direct[i], i, twin[i]) for i in range(4)) / 4
+    dism = sum(ce_without([direct[k][i] for k in range(4)], i, twin[i]) for i in range(4)) / 4
+    got = smart_alignment_losses(img, mask, txt, img, mask, txt, 100.0, same=same)
+    assert math.isclose(got[0].item(), sidm, rel_tol=1e-9) and math.isclose(got[1].item(), dism, rel_tol=1e-9)
+    plain = smart_alignment_losses(img, mask, txt, img, mask, txt, 100.0)
+    assert plain[0].item() > got[0].item() + 1e-6  # the twin was a negative before
+    halves = [smart_alignment_losses(img[r * 2:r * 2 + 2], mask[r * 2:r * 2 + 2], txt[r * 2:r * 2 + 2], img, mask,
+                                     txt, 100.0, rank=r, same=same[r * 2:r * 2 + 2]) for r in range(2)]
+    assert math.isclose(sum(h[0].item() for h in halves) / 2, sidm, rel_tol=1e-9)
+    assert math.isclose(sum(h[1].item() for h in halves) / 2, dism, rel_tol=1e-9)
+
+    feats = F.normalize(img, dim=-1)
+    scores = (10.0 * feats @ txt.T).tolist()  # [i][j]: image i, caption j
+    i2t = sum(ce_without(scores[i], i, twin[i]) for i in range(4)) / 4
+    t2i = sum(ce_without([scores[k][i] for k in range(4)], i, twin[i]) for i in range(4)) / 4
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    got = contrastive_loss(feats, txt, feats, txt, scale, same=same)
+    assert math.isclose(got.item(), (i2t + t2i) / 2, rel_tol=1e-9)
+    halves = [contrastive_loss(feats[r * 2:r * 2 + 2], txt[r * 2:r * 2 + 2], feats, txt, scale, rank=r,
+                               same=same[r * 2:r * 2 + 2]) for r in range(2)]
+    assert math.isclose(sum(h.item() for h in halves) / 2, (i2t + t2i) / 2, rel_tol=1e-9)
+
+
+def test_the_method_leaves_out_duplicate_captions_unless_told(make_cfg):
+    module, ds, batch = smart(make_cfg)
+    assert batch["caption_key"].tolist() == [phrase_key(c) for c in batch["caption"]]
+    batch["caption_key"][3] = batch["caption_key"][0]  # items 0 and 3 drew one caption
+    same = module.same_captions(batch)
+    assert same[0, 3] and same[3, 0] and same.diagonal().all()
+    feats = module.encode(batch)
+    terms = module.loss_terms(batch, feats)
+    sidm, _ = smart_alignment_losses(feats["image_raw"], feats["mask"], feats["text_features"], feats["image_raw"],
+                                     feats["mask"], feats["text_features"], 100.0, same=same)
+    torch.testing.assert_close(terms["sidm_loss"], 10 * sidm)
+    released, _, _ = smart(make_cfg, "method.exclude_duplicates=false")
+    assert released.same_captions(batch) is None
+    plain, _, _ = smart(make_cfg, "method.masked=false")
+    pf = plain.encode(batch)
+    torch.testing.assert_close(plain.loss_terms(batch, pf)["contrastive_loss"], contrastive_loss(
+        pf["image_features"], pf["text_features"], pf["image_features"], pf["text_features"], pf["logit_scale"],
+        same=same))
+
+
+def test_hard_mask_reads_the_logit_sign():
+    """A bf16 sigmoid of a logit just below 0 rounds to 0.5; the mask is on only for a logit >= 0."""
+    from methods.smartclip import SmartCLIP
+
+    class Fixed(torch.nn.Module):
+        def forward(self, states):
+            return torch.tensor([[-1e-3, 0.0, 1e-3]], dtype=torch.bfloat16)
+
+    assert torch.sigmoid(torch.tensor(-1e-3, dtype=torch.bfloat16)).item() == 0.5
+    holder = torch.nn.Module()
+    holder.mask_net, holder.mcfg = Fixed(), SmartCLIP.Config()
+    assert SmartCLIP.masks(holder, torch.zeros(1, 2, 3)).tolist() == [[0.0, 1.0, 1.0]]
 
 
 def test_mask_network_has_its_own_optimiser_group(make_cfg):
@@ -118,3 +193,19 @@ def test_shapes_batch_mixes_granularities_and_inference_is_plain_clip(make_cfg):
     texts = ["a red circle", "a circle to the left of a square"]
     torch.testing.assert_close(module.encode_captions(texts),
                                module.model.encode_text(module.tokenizer(texts), normalize=True))
+
+
+def test_smartclip_paper_optimiser(make_cfg):
+    """The release's backbone AdamW (torch's betas and eps, decay on every parameter, lr 1e-6, wd 0.01, 200 warm-up
+    steps then a cosine to 0); the mask network keeps its own lr, no decay and no warm-up."""
+    module, _, _ = smart(make_cfg, "optim=smartclip_paper")
+    o = module.cfg.optim
+    assert (o.beta1, o.beta2, o.eps, o.lr, o.weight_decay, o.schedule, o.min_lr_ratio) == (
+        0.9, 0.999, 1e-8, 1e-6, 0.01, "cosine", 0.0)
+    assert OmegaConf.load(Path(__file__).parents[1] / "configs/optim/smartclip_paper.yaml").warmup_steps == 200
+    groups = module.param_groups()
+    (own,) = [g for g in groups if g.get("name") == "mask_net"]
+    assert (own["lr"], own["weight_decay"], own["warmup_steps"]) == (1e-3, 0.0, 0)
+    shared = [g for g in groups if g is not own and g["params"]]
+    assert all(g["weight_decay"] == 0.01 for g in shared) and sum(len(g["params"]) for g in shared) == sum(
+        1 for p in module.parameters() if p.requires_grad) - len(own["params"])
