@@ -2,7 +2,7 @@
 
     python -m benchmarks.perf [perf=auto|gpu|cpu] [key=value ...]      make perf [PERF=cpu] [ARGS="methods=[clip]"]
 
-Rows, each in a process of its own, timed after a warm-up (median over steps):
+Rows, each in a process of its own, timed after a warm-up (the median over log-interval windows of each window's rate):
 - open_clip trainer: `open_clip_train.main --dataset-type synthetic`, eager and with `--torchcompile`;
 - bare step: open_clip's model, its ClipLoss and fused AdamW on vanilla CLIP's `resident` batch, on the device
   (the ceiling for the same work);

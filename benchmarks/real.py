@@ -1,5 +1,5 @@
 """What the real-data benchmarks share: the data root, reading (and cropping) images, encoding each distinct
-image once per bench call (batched, in DataLoader workers, bfloat16 autocast on a GPU), images/s, and the
+image once per bench call (batched, in DataLoader workers, float16 autocast on a GPU: `bench.amp_dtype`), images/s, and the
 skip_bad policy for records whose image cannot be read.
 
 Layout under `bench.data_root` (see README "Real benchmarks"):

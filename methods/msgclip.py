@@ -1,4 +1,4 @@
-"""MSG-CLIP (Lyu, Zhao et al., Pattern Recognition 2025): scene-graph alignment between caption and image, with
+"""MSG-CLIP (Lyu, Zhao et al., Pattern Recognition 173, 2026): scene-graph alignment between caption and image, with
 no new parameter. Only the abstract is public; this is the reconstruction of methods.md section 4, and every
 choice the abstract leaves open is a config key (configs/method/msgclip.yaml says which is which).
 
