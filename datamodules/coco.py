@@ -94,6 +94,7 @@ class CaptionSource(RecordSource):
             parsed = [ParsedCaption.from_dict(d) for d in record["parses"]]
             seed = zlib.crc32(str(record["id"]).encode())  # the same negatives for a caption in every epoch and run
             sample.extra["caption_graphs"] = [p.graph for p in parsed]
+            sample.extra["caption_graphs_written"] = [p.written_graph for p in parsed]  # Structure-CLIP's KEE forms
             sample.extra["negative_captions"] = lambda k: text_negatives(parsed[k], seed * 16 + k)
         return sample
 

@@ -224,8 +224,15 @@ def triple_tokens(graphs: Sequence[SceneGraph | None], tokenize: Callable, max_t
 
 @FIELDS.register("caption_triples")
 def caption_triples_field(sample: Sample, caption_index: int, ctx: FieldContext) -> dict[str, torch.Tensor]:
-    """The drawn caption's graph as triple token ids (`triple_tokens`; options["max_triples"], default 6)."""
-    graph = caption_graph_field(sample, caption_index, ctx)
+    """The drawn caption's graph as triple token ids (`triple_tokens`; options["max_triples"], default 6).
+    options["triple_forms"] "written" (the default): a parsed caption's graph in the caption's own words
+    (`ParsedCaption.written`, the forms of Structure-CLIP's released triples); "parser": its lemmatised graph.
+    Graphs that are not parsed (the shapes world's, Visual Genome's) are the same either way."""
+    written = sample.extra.get("caption_graphs_written")
+    if ctx.options.get("triple_forms", "written") == "written" and written:
+        graph = written[caption_index]
+    else:
+        graph = caption_graph_field(sample, caption_index, ctx)
     out = triple_tokens([graph], ctx.tokenize, ctx.options.get("max_triples", 6))
     return {k: v[0] for k, v in out.items()}  # (T, 3, L), (T,)
 

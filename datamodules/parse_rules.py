@@ -38,6 +38,13 @@ Relations (subject, predicate, object); a verb is named by its lemma plus its pa
       an xcomp whose head verb has an object takes that object (object control):
                                             "a man watching a dog catch a frisbee" -> (dog, catch, frisbee)
   R11 possessive nmod:poss:                 "a dog's collar"                  -> (dog, have, collar)
+
+Written forms (`ParsedCaption.written`, the same objects and relations in the words of the caption, the forms of
+Structure-CLIP's released triples): names as written ("tennis rackets"), a verb as written with its particles
+("riding", "ridden", "sitting on", "picks up"; a possessive "has"), prepositions as above; attributes by their
+lemma ("older" -> "old") and without numerals. The release's parser keeps a verb with a preposition only for
+phrasal verbs ("sitting on"; else "on") and drops some relations (a copula with a preposition); these forms keep
+the verb and every relation the rules find.
 """
 from __future__ import annotations
 
@@ -46,7 +53,7 @@ from typing import Any
 
 from datamodules.graph import Entity, Relation, SceneGraph
 
-RULES_VERSION = "3"  # 2: object control (R10); 3: R7 by the parser's agent label. Bump whenever a rule changes: it is part of every cache key
+RULES_VERSION = "4"  # 2: object control (R10); 3: R7 by the parser's agent label; 4: written forms. Bump whenever a rule changes: it is part of every cache key
 NOUNS = ("NOUN", "PROPN")
 VERBS = ("VERB", "AUX")
 PREP_NOUNS = frozenset({"front", "top", "left", "right", "side", "middle", "back", "bottom", "edge", "center", "centre",
@@ -66,6 +73,7 @@ class ParsedCaption:
     spans: tuple[tuple[int, int], ...]  # (start, end) character offsets of each word in `text`
     object_words: tuple[tuple[int, ...], ...]  # per graph object: word indices of its name (compounds + head)
     attribute_words: tuple[tuple[int, ...], ...]  # per graph object: word index of each of its attributes
+    written: SceneGraph | None = None  # `graph` in written forms (see the module docstring); None: the same as graph
 
     def __post_init__(self) -> None:
         n, k = len(self.words), len(self.graph.objects)
@@ -79,6 +87,15 @@ class ParsedCaption:
                 raise ValueError(f"{self.text!r}: object {o.name!r} points at words outside the caption")
         if not all(0 <= s <= e <= len(self.text) for s, e in self.spans):
             raise ValueError(f"{self.text!r}: a word span lies outside the text")
+        if self.written is not None and (
+                len(self.written.objects) != k or [(r.subject, r.object) for r in self.written.relations]
+                != [(r.subject, r.object) for r in self.graph.relations]):
+            raise ValueError(f"{self.text!r}: the written forms do not have the graph's objects and relations")
+
+    @property
+    def written_graph(self) -> SceneGraph:
+        """The graph in written forms (names and verbs as written, attributes lemmatised, no numerals)."""
+        return self.written if self.written is not None else self.graph
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able containers, compact (the cache's record; words never hold a tab, tags never a space)."""
@@ -88,6 +105,9 @@ class ParsedCaption:
             "objects": [[o.name, list(o.attributes), list(w), list(a)]
                         for o, w, a in zip(self.graph.objects, self.object_words, self.attribute_words)],
             "relations": [[r.subject, r.predicate, r.object] for r in self.graph.relations],
+            "written": None if self.written is None else {
+                "objects": [[o.name, list(o.attributes)] for o in self.written.objects],
+                "predicates": [r.predicate for r in self.written.relations]},
         }
 
     @classmethod
@@ -99,12 +119,17 @@ class ParsedCaption:
             entities = tuple(Entity(name, attrs) for name, attrs, _, _ in objects)
             graph = SceneGraph(entities, tuple(Relation(int(s), str(p), int(o)) for s, p, o in d["relations"]))
             spans = list(map(int, d["spans"]))
+            w = d["written"]
+            written = None if w is None else SceneGraph(
+                tuple(Entity(str(name), tuple(map(str, attrs))) for name, attrs in w["objects"]),
+                tuple(Relation(r.subject, str(p), r.object) for r, p in zip(graph.relations, w["predicates"], strict=True)))
             return cls(
                 text=str(d["text"]), words=tuple(d["words"].split("\t")), xpos=tuple(d["xpos"].split(" ")),
                 graph=graph, spans=tuple(zip(spans[::2], spans[1::2])),
                 object_words=tuple(o[2] for o in objects), attribute_words=tuple(o[3] for o in objects),
+                written=written,
             )
-        except (KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"malformed parse record ({e.__class__.__name__}: {e})") from None
 
 
@@ -197,8 +222,10 @@ class _Tree:
         out = [self.resolve(k) for i in words for k in (self.conjuncts(i) if expand else [i])]
         return [k for k in out if k is not None]
 
-    def verb_pred(self, v: int) -> str:
-        return " ".join([self.w[v].lemma.lower(), *(self.w[k].text.lower() for k in self.children(v, "compound:prt"))])
+    def verb_pred(self, v: int, written: bool = False) -> str:
+        """The verb's lemma (or, `written`, its word as in the caption) with its particles ("pick up")."""
+        head = self.w[v].text.lower() if written else self.w[v].lemma.lower()
+        return " ".join([head, *(self.w[k].text.lower() for k in self.children(v, "compound:prt"))])
 
     def subjects(self, v: int, depth: int = 0) -> list[int]:
         """Object words that are the subject of predicate v (R5, R6, R10; conj-expanded, R9)."""
@@ -248,30 +275,33 @@ def _attach(t: _Tree, o: int) -> tuple[int, str]:
     return carrier, prep
 
 
-def _relations_of(t: _Tree, o: int) -> list[tuple[int, str, int]]:
-    """Relations (subject word, predicate, object word) in which word o is the object (R1-R11)."""
+def _relations_of(t: _Tree, o: int) -> list[tuple[int, str, str, int]]:
+    """Relations (subject word, predicate, predicate as written, object word) in which word o is the object
+    (R1-R11)."""
     obj = t.resolve(o)
     if obj is None:
         return []
     c, prep = _attach(t, o)
     dep, h = t.w[c].deprel, t.head(c)
     if prep and t.children(c, "cop"):  # R3: "the cat is on the mat" (the noun or adjective is the predicate)
-        return [(s, prep, obj) for s in t.subjects(c)]
+        return [(s, prep, prep, obj) for s in t.subjects(c)]
     if h is None:
         return []
     verb = t.w[h].upos in VERBS
     if verb and dep in ("obj", "iobj") and not prep:  # R1
-        return [(s, t.verb_pred(h), obj) for s in t.subjects(h)]
+        return [(s, t.verb_pred(h), t.verb_pred(h, written=True), obj) for s in t.subjects(h)]
     if verb and prep and t.base(c) in ("obl", "advmod"):
         if dep == "obl:agent" or (not t.agent_label and prep == "by" and t.patients(h)):  # R7: agent -> subject
-            return [(obj, t.verb_pred(h), p) for p in t.patients(h)]
-        pred = prep if t.w[h].lemma.lower() == "be" else f"{t.verb_pred(h)} {prep}"  # R2
-        return [(s, pred, obj) for s in t.subjects(h)]
+            return [(obj, t.verb_pred(h), t.verb_pred(h, written=True), p) for p in t.patients(h)]
+        if t.w[h].lemma.lower() == "be":  # R2, existential "be"
+            return [(s, prep, prep, obj) for s in t.subjects(h)]
+        pred, written = f"{t.verb_pred(h)} {prep}", f"{t.verb_pred(h, written=True)} {prep}"  # R2
+        return [(s, pred, written, obj) for s in t.subjects(h)]
     gov = t.resolve(h)
     if gov is not None and dep == "nmod:poss":  # R11: o is the possessor
-        return [(obj, "have", gov)]
+        return [(obj, "have", "has", gov)]
     if gov is not None and prep and t.base(c) in ("nmod", "amod", "advmod", "obl"):  # R4
-        return [(g, prep, obj) for g in t.resolved(t.shared(h, c), expand=False)]
+        return [(g, prep, prep, obj) for g in t.resolved(t.shared(h, c), expand=False)]
     return []
 
 
@@ -335,12 +365,13 @@ def graph_from_sentence(sentence: Any, text: str | None = None, agent_label: boo
     objects = [i for i in range(len(words)) if t.is_object(i)]
     index = {w: k for k, w in enumerate(objects)}
     attrs = _attributes(t)
-    triples = []
+    triples, written_predicates = [], []
     for o in range(len(words)):
-        for s, p, ob in _relations_of(t, o):
+        for s, p, wp, ob in _relations_of(t, o):
             triple = (index[s], p, index[ob])
             if s != ob and triple not in triples:
                 triples.append(triple)
+                written_predicates.append(wp)
 
     def name_words(i: int) -> list[int]:
         return sorted([i, *(k for c in t.children(i, "compound", "flat", "flat:name") for k in name_words(c))])
@@ -351,9 +382,13 @@ def graph_from_sentence(sentence: Any, text: str | None = None, agent_label: boo
 
     names = [name_words(i) for i in objects]
     entities = tuple(Entity(name(i, ws), tuple(t.w[a].text.lower() for a in attrs[i])) for i, ws in zip(objects, names))
+    written = tuple(Entity(" ".join(t.low(k) for k in ws),
+                           tuple(t.w[a].lemma.lower() for a in attrs[i] if t.w[a].upos != "NUM" and t.w[a].xpos != "CD"))
+                    for i, ws in zip(objects, names))
     return ParsedCaption(
         text=text, words=tuple(w.text for w in words), xpos=tuple(w.xpos for w in words),
         graph=SceneGraph(entities, tuple(Relation(s, p, o) for s, p, o in triples)),
         spans=tuple(_spans(text, tokens)), object_words=tuple(map(tuple, names)),
         attribute_words=tuple(tuple(attrs[i]) for i in objects),
+        written=SceneGraph(written, tuple(Relation(s, wp, o) for (s, _, o), wp in zip(triples, written_predicates))),
     )

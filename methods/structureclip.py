@@ -16,10 +16,12 @@ token table and the 6 layers from BERT, which cannot be loaded here; the lab use
 own token embeddings and freshly initialised layers. The release's element vector is the mean over all 5
 positions of BERT's embedding layer, pads included (there each pad carries its position embedding); the
 lab's table has no position embeddings and pads with id 0, a real CLIP token ("!"), so the mean is over
-the element's real tokens (start, word pieces, end) and does not depend on the padded length. The triples of
-parsed captions come in the parser's forms (object names and predicates lemmatised, attributes as written,
-numerals as attributes), where the release's files write names and predicates as in the caption and lemmatise
-attributes: ARO's `true_triples` (written relation names, "wearing") meet the KEE in forms it did not train on.
+the element's real tokens (start, word pieces, end) and does not depend on the padded length. The lab's parser
+gives lemmatised graphs (object names and predicates lemmatised, attributes as written, numerals as
+attributes); for parsed captions the KEE reads the same triples in written forms by default (`triple_forms`: names and verbs as in
+the caption, attributes lemmatised, no numerals), as the release's files write them, so that ARO's `true_triples`
+(written relation names, "wearing") meet the KEE in forms it trained on. The release's parser keeps a verb with
+its preposition only for phrasal verbs and drops some relations; the lab's written forms keep both.
 A benchmark that gives its captions no graph leaves the KEE nothing to add; the report says so.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ from methods.base import METHODS, ContrastiveMethod, dist_info
 from methods.losses import caption_margin_loss, contrastive_loss, max_violation_hinge
 
 SEMANTIC_KINDS = ("relation", "attribute")
+TRIPLE_FORMS = ("written", "parser")
 
 
 class KnowledgeEncoder(nn.Module):
@@ -90,6 +93,7 @@ class StructureCLIP(ContrastiveMethod):
         kee_dropout: float = 0.1  # BERT's
         kee_weight: float = 0.2
         max_triples: int = 6
+        triple_forms: str = "written"  # parsed captions' triples as written (the release's forms) or "parser" (lemmas)
         hinge_margin: float = 0.2
         hinge_warmup_steps: int = 100  # the release's first iterations use the mean image score on the text side
         negative_margin: float = 0.1
@@ -102,6 +106,9 @@ class StructureCLIP(ContrastiveMethod):
         if unknown:
             raise ValueError(f"structureclip: unknown negative kinds {sorted(unknown)}; "
                              f"available: {', '.join(SEMANTIC_KINDS)}")
+        if self.mcfg.triple_forms not in TRIPLE_FORMS:
+            raise ValueError(f"structureclip: method.triple_forms must be one of {', '.join(TRIPLE_FORMS)}, "
+                             f"got {self.mcfg.triple_forms!r}")
         self.kee = None
         if self.mcfg.kee:
             self.kee = KnowledgeEncoder(self.model.token_embedding, self.tokenizer,
@@ -118,7 +125,8 @@ class StructureCLIP(ContrastiveMethod):
         return ("caption_triples",) + (("neg_text",) if self.mcfg.negative_kinds else ())
 
     def field_options(self) -> dict[str, Any]:
-        return {"negative_kinds": list(self.mcfg.negative_kinds), "max_triples": self.mcfg.max_triples}
+        return {"negative_kinds": list(self.mcfg.negative_kinds), "max_triples": self.mcfg.max_triples,
+                "triple_forms": self.mcfg.triple_forms}
 
     def fuse(self, text_features: Tensor, knowledge: Tensor | None) -> Tensor:
         """The KEE-fused caption feature v + 0.2 * k (not re-normalised, as released); `knowledge` (B, D) from

@@ -231,6 +231,31 @@ def test_conllu_files_need_no_model_and_are_cached(tmp_path, sentences):
         third.parse(["A man riding a horse.", " "])
 
 
+@pytest.mark.parametrize("text, triples", [
+    ("A man riding a horse.", [("man", "riding", "horse")]),
+    ("A horse is ridden by a man.", [("man", "ridden", "horse")]),
+    ("Two dogs playing with a frisbee.", [("dogs", "playing with", "frisbee")]),  # no numeral attribute
+    ("Three people standing next to a parked car.", [("people", "standing next to", "car"), ("car", "is", "park")]),
+    ("The cat is on the mat.", [("cat", "on", "mat")]),
+    ("A man with a red helmet on a small moped on a dirt road.",
+     [("man", "with", "helmet"), ("man", "on", "moped"), ("moped", "on", "dirt road"), ("helmet", "is", "red"),
+      ("moped", "is", "small")]),
+])
+def test_written_forms_are_the_captions_words_with_lemmatised_attributes(sentences, text, triples):
+    """The graph in Structure-CLIP's released forms: the same objects and relations, names and verbs as written."""
+    p = graph_from_sentence(sentences[text])
+    assert p.written_graph.triples() == triples
+    assert [(r.subject, r.object) for r in p.written.relations] == [(r.subject, r.object) for r in p.graph.relations]
+    assert ParsedCaption.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+
+
+def test_written_forms_must_match_the_graph(sentences):
+    d = graph_from_sentence(sentences["A man riding a horse."]).to_dict()
+    d["written"]["predicates"] = []
+    with pytest.raises(ValueError, match="malformed"):
+        ParsedCaption.from_dict(d)
+
+
 def test_a_plain_obl_by_is_the_agent_only_for_a_parser_without_the_agent_label(sentences):
     """R7: a parser that labels agents `obl:agent` means a plain `obl` "by" as a place; for one that does not,
     the lab reads a passive verb's "by" as its agent (and a locative one is then misread, the stated cost)."""

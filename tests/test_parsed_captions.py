@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from datamodules.coco import CocoKarpathy
 from datamodules.datamodule import collate
+from datamodules.graph import Entity, Relation, SceneGraph
 from datamodules.images import BadInput
 from fixtures.make_train_data import draw
 from methods.train import build, compose_train
@@ -108,3 +110,34 @@ def test_a_method_that_reads_negatives_or_graphs_refuses_unparsed_captions(tmp_p
     _, dm = build(cfg)
     with pytest.raises(ValueError, match="data source 'coco_karpathy' offers no .*data.options.parse=true"):
         dm.setup("fit")
+
+
+def test_structureclip_reads_parsed_triples_in_written_forms_unless_told(tmp_path):
+    """The KEE's triples of a parsed caption are in the caption's words by default (as Structure-CLIP's released
+    files write them: "riding", "dogs", lemmatised attributes, no numerals); `method.triple_forms=parser` gives the
+    parser's lemmas; an unknown form is refused."""
+    from datamodules.fields import triple_tokens
+
+    write_coco(tmp_path / "coco", [["A man riding a horse.", "Two dogs playing with a frisbee."]] * 4)
+    args = [a for a in TINY_ARGS if not a.startswith("data.options.")]
+    base = ["method=structureclip", "data=coco", f"data.options.root={tmp_path / 'coco'}",
+            "data.options.parse=true", "data.options.parser.backend=conllu", f"data.options.parser.conllu=[{CONLLU}]",
+            f"data.options.parser.cache_dir={tmp_path / 'p'}", f"data.options.cache_dir={tmp_path / 'cache'}",
+            f"cache_dir={tmp_path / 'cache'}", "data.caption_sampling=first", *args]
+
+    def triples_of(*extra):
+        module, dm = build(compose_train([*base, *extra]))
+        dm.prepare_data()
+        item = dm.dataset("train")[0]
+        return module, item["triple_ids"], item["triple_mask"]
+
+    module, ids, mask = triples_of()
+    written = triple_tokens([SceneGraph((Entity("man"), Entity("horse")), (Relation(0, "riding", 1),))],
+                            module.kee.tokenize, module.mcfg.max_triples)
+    assert torch.equal(ids, written["triple_ids"][0]) and torch.equal(mask, written["triple_mask"][0])
+    _, ids, _ = triples_of("method.triple_forms=parser")
+    lemmas = triple_tokens([SceneGraph((Entity("man"), Entity("horse")), (Relation(0, "ride", 1),))],
+                           module.kee.tokenize, module.mcfg.max_triples)
+    assert torch.equal(ids, lemmas["triple_ids"][0])
+    with pytest.raises(ValueError, match="triple_forms must be one of written, parser"):
+        build(compose_train([*base, "method.triple_forms=lemma"]))
