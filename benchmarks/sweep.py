@@ -34,7 +34,7 @@ from configs.files import keep_aside, new_folder, write_atomic
 from benchmarks.report import curves_chart, format_table, latex_table, _chart
 from benchmarks.run import bench_run, device_for, merge_families
 from methods import METHODS
-from methods.train import compose_train, process_rank, train
+from methods.train import compose_train, config_differences, process_rank, saved_config, train
 
 
 @dataclass
@@ -92,6 +92,25 @@ def cell_run_args(cell_dir: Path) -> list[str]:
 def finished_run(cell_dir: Path) -> Path | None:
     done = sorted(cell_dir.glob("run/done.json")) or sorted(cell_dir.glob("runs/*/*/done.json"))  # (older layout)
     return done[-1].parent if done else None
+
+
+def config_changes(cell_dir: Path, overrides: list[str]) -> list[str]:
+    """What differs between the config the cell's run (finished or not) was made with and the one its overrides
+    compose to today (a default changed since, in a method's YAML or a config group); [] without a run. A cell's
+    name holds only its overrides, so a sweep run again would otherwise reuse, or continue, a run of another config."""
+    run = finished_run(cell_dir) or (cell_dir / "run" if (cell_dir / "run" / "config.yaml").is_file() else None)
+    if run is None:
+        return []
+    return config_differences(saved_config(run), compose_train(overrides + cell_run_args(cell_dir)))
+
+
+def set_aside(cell_dir: Path, why: str) -> Path:
+    """Rename a cell's folder to `<name>.<why>-<k>` beside it, the first k not taken (nothing is deleted)."""
+    k = 1
+    while (aside := cell_dir.with_name(f"{cell_dir.name}.{why}-{k}")).exists():
+        k += 1
+    cell_dir.rename(aside)
+    return aside
 
 
 def read_result(cell_dir: Path) -> dict[str, Any] | None:
@@ -260,7 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     results, ran = [], 0
     for name, point, overrides in todo:
         cell_dir = root / name
-        done = read_result(cell_dir)
+        changed = config_changes(cell_dir, overrides)
+        if changed:
+            shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+            if process_rank() == 0:  # under DDP rank 0 moves it; every rank trains the cell again
+                aside = set_aside(cell_dir, "other-config")
+                print(f"[sweep] {name}: its run was made with another config ({shown}); kept as {aside.name}, "
+                      "training the cell again")
+        done = None if changed else read_result(cell_dir)
         if done is not None and done.get("bench") != bench_key(bench_cfg):
             # benchmarked with another bench config (the cell's name holds only its training overrides): its run
             # is benchmarked again, the old result kept beside it

@@ -104,6 +104,13 @@ def granular_text_field(sample: Sample, caption_index: int, ctx: FieldContext) -
     return {"text": ctx.tokenize([text])[0], "caption": text,
             "caption_key": torch.tensor(phrase_key(text), dtype=torch.long)}
 
+@FIELDS.register("caption_key")
+def caption_key_field(sample: Sample, caption_index: int, ctx: FieldContext) -> dict[str, torch.Tensor]:
+    """A stable id of the drawn caption (`phrase_key`): two images of a batch drawn with one caption are true
+    matches of each other (SmartCLIP's `exclude_duplicates` on the data's own captions)."""
+    return {"caption_key": torch.tensor(phrase_key(sample.captions[caption_index]), dtype=torch.long)}
+
+
 @FIELDS.register("caption_graph")
 def caption_graph_field(sample: Sample, caption_index: int, ctx: FieldContext) -> Any:
     """The scene graph of the drawn caption itself (a converse paraphrase has the converse relation)."""
@@ -225,11 +232,11 @@ def triple_tokens(graphs: Sequence[SceneGraph | None], tokenize: Callable, max_t
 @FIELDS.register("caption_triples")
 def caption_triples_field(sample: Sample, caption_index: int, ctx: FieldContext) -> dict[str, torch.Tensor]:
     """The drawn caption's graph as triple token ids (`triple_tokens`; options["max_triples"], default 6).
-    options["triple_forms"] "written" (the default): a parsed caption's graph in the caption's own words
-    (`ParsedCaption.written`, the forms of Structure-CLIP's released triples); "parser": its lemmatised graph.
-    Graphs that are not parsed (the shapes world's, Visual Genome's) are the same either way."""
+    options["triple_forms"] "written": a parsed caption's graph in the caption's own words (`ParsedCaption.written`,
+    the forms of Structure-CLIP's released triples); "parser" (the default): its lemmatised graph. Graphs that are
+    not parsed (the shapes world's, Visual Genome's) are the same either way."""
     written = sample.extra.get("caption_graphs_written")
-    if ctx.options.get("triple_forms", "written") == "written" and written:
+    if ctx.options.get("triple_forms", "parser") == "written" and written:
         graph = written[caption_index]
     else:
         graph = caption_graph_field(sample, caption_index, ctx)

@@ -6,7 +6,7 @@ Where a parse comes from, in order:
    parses from any UD parser.
 2. The cache: JSON lines under `cache_dir/<version>/`, one record per caption keyed by a hash of (text, version);
    the version changes with the rules (`RULES_VERSION`) and with the parser (Stanza's package version and model
-   files, or the CoNLL-U files' contents), so a stale parse is never reused. Each writer adds whole new shard
+   files, or the CoNLL-U files' contents, and an explicit `agent_label`), so a stale parse is never reused. Each writer adds whole new shard
    files (written to a temporary name, then renamed), so a crash never leaves half a file and two processes never
    write the same file. A line that is not valid JSON, whose key does not match its text, or whose record is
    inconsistent is ignored with a warning that names the file and line, and that caption is parsed again.
@@ -50,7 +50,8 @@ class ParserConfig:
     use_gpu: bool | None = None  # None: the GPU when there is one
     batch_size: int = 256  # captions per call to the backend
     # Does the parser label passive agents `obl:agent` (rule R7)? None: ask it (Stanza: its parse of a probe
-    # caption; CoNLL-U files: whether any of their sentences has the label). With False a plain `obl` "by" of a
+    # caption; CoNLL-U files, each on its own: not if a passive's "by" phrase is plain `obl` and none is
+    # `obl:agent`). An explicit value is part of the parse cache's version. With False a plain `obl` "by" of a
     # passive verb is read as the agent ("ridden by a man"), with True as a place ("parked by a tree").
     agent_label: bool | None = None
     cache_dir: str = ".cache/parses"
@@ -185,7 +186,7 @@ class ConlluFiles:
 
     def __init__(self, paths: Sequence[str]) -> None:
         self.paths = [Path(p) for p in paths]
-        self._sentences: dict[str, tuple[Any, str]] | None = None
+        self._sentences: dict[str, tuple[Any, str, bool]] | None = None
         h = hashlib.sha256()
         for p in self.paths:
             if not p.is_file():
@@ -193,8 +194,9 @@ class ConlluFiles:
             h.update(p.read_bytes())
         self.version = f"r{RULES_VERSION}-conllu-{h.hexdigest()[:12]}"
 
-    def sentences(self) -> dict[str, tuple[Any, str]]:
-        """text -> (stanza Sentence, where it is), reading the files on first use."""
+    def sentences(self) -> dict[str, tuple[Any, str, bool]]:
+        """text -> (stanza Sentence, where it is, whether its file's parser labels agents), reading the files on
+        first use."""
         if self._sentences is None:
             from stanza.utils.conll import CoNLL
 
@@ -204,16 +206,28 @@ class ConlluFiles:
                     doc = CoNLL.conll2doc(input_file=str(p))
                 except Exception as e:  # stanza raises its own CoNLLError, ValueError, IndexError on bad lines
                     raise ValueError(f"{p}: not valid CoNLL-U: {e.__cause__ or e}") from None
+                agents = labels_agents(doc.sentences)
                 for k, s in enumerate(doc.sentences, start=1):
                     if not s.text:
                         raise ValueError(f"{p}: sentence {k} has no '# text = ' comment, so no caption matches it")
-                    self._sentences.setdefault(s.text, (s, f"{p}: sentence {k}"))
+                    self._sentences.setdefault(s.text, (s, f"{p}: sentence {k}", agents))
         return self._sentences
 
-    def labels_agents(self) -> bool:
-        """Whether the files' parser labels passive agents `obl:agent`: some sentence of theirs has the label.
-        Files without one keep the older reading (a plain `obl` "by" of a passive verb is the agent)."""
-        return any(w.deprel == "obl:agent" for s, _ in self.sentences().values() for w in s.words)
+
+def labels_agents(sentences: Sequence[Any]) -> bool:
+    """Whether the parser of one CoNLL-U file labels passive agents `obl:agent`, from the file itself: False only
+    on evidence that it does not (a passive clause's "by" phrase labelled plain `obl`, and no `obl:agent` in the
+    file); a file with neither says nothing, and is read as a current parser's (True)."""
+    old_style = False
+    for s in sentences:
+        words = s.words
+        for w in words:
+            if w.deprel == "obl:agent":
+                return True
+            if w.deprel == "obl" and w.head and any(c.head == w.id and c.deprel == "case" and c.text.lower() == "by"
+                                                    for c in words):
+                old_style |= any(c.head == w.head and c.deprel in ("aux:pass", "nsubj:pass") for c in words)
+    return not old_style
 
 
 class ParseCache:
@@ -326,9 +340,10 @@ class CaptionParser:
             todo = self._from_cache(version, todo, found)
             if todo:
                 sentences = self.files.sentences()
-                new, agents = [], self._agent_label(self.files)
+                new = []
                 for t in (t for t in todo if t in sentences):
-                    sentence, where = sentences[t]
+                    sentence, where, agents = sentences[t]
+                    agents = agents if self.cfg.agent_label is None else self.cfg.agent_label
                     try:
                         new.append(graph_from_sentence(sentence, text=t, agent_label=agents))
                     except ValueError as e:
@@ -369,11 +384,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=ParserConfig.batch_size)
     ap.add_argument("--cpu", action="store_true", help="never use the GPU")
     ap.add_argument("--show", type=int, default=0, help="print the graphs of the first N captions")
+    ap.add_argument("--agent-label", choices=["auto", "yes", "no"], default="auto",
+                    help="does the parser label passive agents obl:agent (rule R7)? auto: ask it")
     args = ap.parse_args(argv)
     texts = [line.strip() for line in Path(args.captions).read_text(encoding="utf-8").splitlines() if line.strip()]
     parser = CaptionParser(ParserConfig(
         backend=args.backend, model_dir=args.model_dir, conllu=list(args.conllu), use_gpu=False if args.cpu else None,
-        batch_size=args.batch_size, cache_dir=args.cache_dir))
+        batch_size=args.batch_size, cache_dir=args.cache_dir,
+        agent_label={"auto": None, "yes": True, "no": False}[args.agent_label]))
     start = time.perf_counter()
     parsed = parser.parse(texts)
     seconds = time.perf_counter() - start

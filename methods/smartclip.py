@@ -11,7 +11,9 @@ base module's `own_param_groups`. Captions of several granularities come from th
 (partial captions and sentence prefixes). Inference uses the plain CLIP towers; the mask network is unused.
 
 Departures, stated: a caption drawn for two images of the global batch is a negative of neither
-(`exclude_duplicates`; the release's long captions rarely repeat, the lab's partial captions do). The release's mask width is the text width, equal to the embedding width in its models;
+(`exclude_duplicates`, on in configs/method/smartclip.yaml; the release's long captions rarely repeat, the lab's
+partial captions do). The hard mask is on where the mask network's logit is >= 0 (the release thresholds the
+sigmoid at 0.5, which bf16 rounds to 0.5 for logits just below 0). The release's mask width is the text width, equal to the embedding width in its models;
 where they differ a linear map to the embedding width is added (not for the default model).
 """
 from __future__ import annotations
@@ -76,8 +78,9 @@ class SmartCLIP(ContrastiveMethod):
         masked: bool = True  # false: no mask network, plain InfoNCE on the same captions (the mask's ablation)
         # a caption drawn for two images of the global batch is a negative of neither: left out of every softmax
         # (with `masked` false too). Not in the release, whose long captions rarely repeat; the shapes world's
-        # partial captions do (about 40% of a batch of 128 has a twin). False: as released
-        exclude_duplicates: bool = True
+        # partial captions do (about 40% of a batch of 128 has a twin). False (the default of a run made before the
+        # key existed): as released; configs/method/smartclip.yaml turns it on
+        exclude_duplicates: bool = False
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg)
@@ -93,7 +96,9 @@ class SmartCLIP(ContrastiveMethod):
         self.model.logit_scale.requires_grad_(self.mcfg.scale <= 0 or not self.mcfg.masked)
 
     def fields(self) -> tuple[str, ...]:
-        return ("granular_text",) if self.mcfg.granularity else ()
+        if self.mcfg.granularity:
+            return ("granular_text",)  # its captions come with their caption_key
+        return ("caption_key",) if self.mcfg.exclude_duplicates else ()
 
     def own_param_groups(self) -> dict[str, dict[str, Any]]:
         if self.mask_net is None:

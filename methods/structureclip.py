@@ -93,7 +93,9 @@ class StructureCLIP(ContrastiveMethod):
         kee_dropout: float = 0.1  # BERT's
         kee_weight: float = 0.2
         max_triples: int = 6
-        triple_forms: str = "written"  # parsed captions' triples as written (the release's forms) or "parser" (lemmas)
+        # parsed captions' triples as written (the release's forms; configs/method/structureclip.yaml) or "parser"
+        # (lemmas: the default of a run made before the key existed)
+        triple_forms: str = "parser"
         hinge_margin: float = 0.2
         hinge_warmup_steps: int = 100  # the release's first iterations use the mean image score on the text side
         negative_margin: float = 0.1

@@ -11,6 +11,7 @@ draw and the model's own randomness are functions of (seed, epoch, index, step),
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -213,13 +214,20 @@ def open_run(cfg: DictConfig) -> tuple[Path, Path | None]:
 
 
 def saved_config(run_dir: Path) -> DictConfig:
-    """A run's own config.yaml, composed over today's schema (keys added since then take their defaults)."""
+    """A run's own config.yaml, composed over today's schema (keys added since then take their defaults). A method
+    key the run's config lacks takes the method's dataclass default, which keeps the behaviour from before the key
+    existed (its YAML may turn the new behaviour on for new runs), so an old run resumes and benchmarks as it was."""
     path = run_dir / "config.yaml"
     saved = configs.load_yaml(path)
     missing = [k for k in ("seed", "method", "model", "data", "trainer", "optim") if k not in saved]
     if missing or "name" not in saved.method:
         raise configs.ConfigError(f"{path}: a run's config without {', '.join(missing) or 'method.name'} (truncated?)")
     base = compose_train([f"method={saved.method.name}"])
+    method_cls = METHODS.get(str(saved.method.name))
+    for f in dataclasses.fields(method_cls.Config):
+        if f.name not in saved.method:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            OmegaConf.update(base, f"method.{f.name}", default, merge=False)
     # the data slot typed for the run's own source (the default group's would refuse another source's options)
     OmegaConf.update(base, "data", data_schema(str(saved.data.get("source")), saved.data), merge=False)
     return configs._merge(base, saved, str(path))

@@ -267,20 +267,30 @@ def test_a_plain_obl_by_is_the_agent_only_for_a_parser_without_the_agent_label(s
 
 
 def test_the_agent_label_is_asked_of_the_parser_unless_configured(tmp_path, sentences):
+    """Each CoNLL-U file answers for itself: its parser does not label agents only if a passive clause's "by"
+    phrase is plain obl and nothing is obl:agent; a file without a passive "by" says nothing (a current parser)."""
     kite = "A kite flown by a young boy."
-    old_style = tmp_path / "old.conllu"  # a parser without obl:agent: only plain obl in its files
-    old_style.write_text("".join(b + "\n\n" for b in FIXTURE.read_text(encoding="utf-8").split("\n\n")
-                                 if f"# text = {kite}" in b or "# text = A bike parked by a tree." in b))
+
+    def subset(name, *texts):
+        path = tmp_path / name
+        path.write_text("".join(b + "\n\n" for b in FIXTURE.read_text(encoding="utf-8").split("\n\n")
+                                if any(f"# text = {t}\n" in b for t in texts)))
+        return path
+
+    old_style = subset("old.conllu", kite, "The ball was hit by a player.")  # "hit by": nsubj:pass and plain obl
+    silent = subset("silent.conllu", kite, "A bike parked by a tree.")  # no passive clause: no evidence
 
     def relations(conllu, cache, **kw):
-        cfg = ParserConfig(backend="conllu", conllu=[str(conllu)], cache_dir=str(tmp_path / cache), **kw)
+        cfg = ParserConfig(backend="conllu", conllu=[str(c) for c in conllu], cache_dir=str(tmp_path / cache), **kw)
         return render(CaptionParser(cfg).parse([kite])[0])[1]
 
-    assert relations(old_style, "a") == "boy|fly|kite"
-    assert relations(FIXTURE, "b") == "kite|fly by|boy"  # the fixture's other sentences use obl:agent
-    assert relations(FIXTURE, "b", agent_label=False) == "boy|fly|kite"  # a setting of its own in the cache
-    assert relations(FIXTURE, "b") == "kite|fly by|boy"
-    assert relations(old_style, "a", agent_label=True) == "kite|fly by|boy"
+    assert relations([old_style], "a") == "boy|fly|kite"
+    assert relations([silent], "s") == "kite|fly by|boy"
+    assert relations([FIXTURE], "b") == "kite|fly by|boy"  # the fixture's other sentences use obl:agent
+    assert relations([FIXTURE], "b", agent_label=False) == "boy|fly|kite"  # a setting of its own in the cache
+    assert relations([FIXTURE], "b") == "kite|fly by|boy"
+    assert relations([old_style], "a", agent_label=True) == "kite|fly by|boy"
+    assert relations([old_style, FIXTURE], "m") == "boy|fly|kite"  # the first file holding the caption, read its way
     for agents, expected in ((False, "boy|fly|kite"), (True, "kite|fly by|boy")):
         parser, backend = parser_with(tmp_path / f"fake{agents}", sentences)
         backend.agents = agents

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 import torch
 
 from methods.checkpoints import read_checkpoint
@@ -166,6 +167,26 @@ def test_a_run_on_any_data_source_reads_its_own_config_back(tmp_path, data):
     configs.save(cfg, run / "config.yaml")
     again = saved_config(run)
     assert again.data.source == cfg.data.source and config_differences(again, cfg) == []
+
+
+@pytest.mark.parametrize("method, key, before, now", [("smartclip", "exclude_duplicates", False, True),
+                                                     ("structureclip", "triple_forms", "parser", "written")])
+def test_a_method_key_added_after_a_run_reads_back_as_the_behaviour_before_it(tmp_path, method, key, before, now):
+    """A run's config saved before a method key existed resumes (and benchmarks) with the behaviour it trained with:
+    the key takes the method's dataclass default, not today's YAML, which turns the new behaviour on."""
+    import configs
+    from methods.train import compose_train, config_differences, saved_config
+
+    cfg = compose_train([f"method={method}", f"runs_dir={tmp_path}"])
+    assert cfg.method[key] == now
+    run = tmp_path / "run"
+    run.mkdir()
+    plain = configs.to_plain(cfg)
+    del plain["method"][key]
+    configs.save(OmegaConf.create(plain), run / "config.yaml")
+    again = saved_config(run)
+    assert again.method[key] == before
+    assert config_differences(again, cfg) == [f"method.{key}: {before!r} -> {now!r}"]
 
 
 def test_resume_passes_over_damaged_checkpoints_and_never_unpickles(tmp_path, make_cfg, capsys):

@@ -131,6 +131,9 @@ def test_the_method_leaves_out_duplicate_captions_unless_told(make_cfg):
     torch.testing.assert_close(terms["sidm_loss"], 10 * sidm)
     released, _, _ = smart(make_cfg, "method.exclude_duplicates=false")
     assert released.same_captions(batch) is None
+    own, _, own_batch = smart(make_cfg, "method.granularity=false")  # the data's own captions have keys too
+    assert own_batch["caption_key"].tolist() == [phrase_key(c) for c in own_batch["caption"]]
+    assert own.same_captions(own_batch) is not None
     plain, _, _ = smart(make_cfg, "method.masked=false")
     pf = plain.encode(batch)
     torch.testing.assert_close(plain.loss_terms(batch, pf)["contrastive_loss"], contrastive_loss(

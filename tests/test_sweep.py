@@ -66,6 +66,18 @@ def test_killed_sweep_skips_finished_cells(tmp_path, capsys):
     assert json.loads((cells[0] / "result.json").read_text())["bench"]["bench"]["benchmarks"] != ["syn_relation"]
     assert (cells[0] / "run" / "done.json").stat().st_mtime_ns == trained
 
+    # a cell whose run was made with another config than its overrides give today (a default changed since): the
+    # cell is set aside whole, never reused or reported, and trained again
+    saved = yaml.safe_load((cells[0] / "run" / "config.yaml").read_text())
+    saved["optim"]["weight_decay"] = 0.5
+    (cells[0] / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert sweep_main([sweep]) == 0
+    out = capsys.readouterr().out
+    assert "was made with another config (optim.weight_decay: 0.5 -> 0.1)" in out and out.count(": running") == 1
+    aside = cells[0].with_name(cells[0].name + ".other-config-1")
+    assert yaml.safe_load((aside / "run" / "config.yaml").read_text())["optim"]["weight_decay"] == 0.5
+    assert (cells[0] / "run" / "done.json").stat().st_mtime_ns != trained
+
 
 def test_compare_has_a_row_per_method_baseline_first(tmp_path, capsys):
     sweep = write_sweep(tmp_path / "c.yaml", name="compare", base=TINY_ARGS + [f"cache_dir={tmp_path / 'c'}"],
