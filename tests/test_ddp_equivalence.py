@@ -20,8 +20,10 @@ from methods.train import build, compose_train
 
 WORLD, B = 2, 4  # 2 ranks x 4 samples = a global batch of 8
 METHOD_ARGS = {"structureclip": ["method.kee_layers=2", "method.kee_dropout=0"]}  # dropout draws differ per process
-# every method with its default settings, plus variants whose gathering differs (MSG-CLIP without boxes)
-CASES = [(m, ()) for m in METHODS.names()] + [("msgclip", ("method.pooling=text",))]
+# every method with its default settings, plus variants whose gathering differs (MSG-CLIP without boxes, SmartCLIP's
+# InfoNCE without the mask network, with its duplicate captions left out)
+CASES = [(m, ()) for m in METHODS.names()] + [("msgclip", ("method.pooling=text",)),
+                                              ("smartclip", ("method.masked=false",))]
 # SmartCLIP's fixed logit scale of 100 times its weight of 10 amplifies float32 rounding (the two runs sum in
 # different orders) past the tolerance; what is checked is what gets gathered, so it runs in float64
 FLOAT64 = {"smartclip"}
@@ -37,6 +39,9 @@ def make_module_and_items(method: str, cache_dir: str, extra: tuple[str, ...] = 
     random.seed(0)  # the fields draw negatives and neighbours with `random`
     ds = dm.dataset("train")
     items = [ds[i] for i in range(WORLD * B)]
+    if method == "smartclip":  # one caption drawn twice on one rank and across ranks: true matches, not negatives
+        items[2]["caption_key"] = items[0]["caption_key"].clone()
+        items[1 + B]["caption_key"] = items[1]["caption_key"].clone()
     if method in FLOAT64:
         module.double()
     return module, items
