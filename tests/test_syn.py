@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from benchmarks.base import BENCHMARKS, BenchContext
 from configs.schema import BenchSpec
 from datamodules.shapes import BACKGROUND, COLOURS, ShapesWorld, holds, render_caption
+from tests_support import CLAUSE, PREDICATE_OF_PHRASE
 
 VOCAB = ["a", "an", "there", "is", "the", "to", "left", "right", "of", "above", "below",
          "red", "green", "blue", "yellow", "purple", "orange", "white", "cyan",
@@ -56,13 +57,14 @@ class OracleModel(BagOfWordsModel):
         return F.one_hot(torch.tensor([self.index.get(t, len(self.index)) for t in texts]), len(self.index) + 1).float()
 
 
-def context(model_cls, test_size: int) -> tuple[BenchContext, ShapesWorld]:
-    """A bench context over the default world's first `test_size` test scenes, with a stand-in model."""
-    options = {"test_size": test_size}
+def context(model_cls, test_size: int, seed: int | None = None, **world_options) -> tuple[BenchContext, ShapesWorld]:
+    """A bench context over the default world's first `test_size` test scenes (with `world_options` set), with a
+    stand-in model; `seed`, where given, is the bench spec's seed (its default otherwise)."""
+    options = {"test_size": test_size, **world_options}
     world = ShapesWorld(ShapesWorld.Config(**options), "test")
     model = model_cls(world)
     run_cfg = OmegaConf.create({"data": {"source": "shapes", "options": options}})
-    spec = OmegaConf.merge(OmegaConf.structured(BenchSpec), {"batch_size": 16})
+    spec = OmegaConf.merge(OmegaConf.structured(BenchSpec), {"batch_size": 16} | ({} if seed is None else {"seed": seed}))
     return BenchContext(model, model.preprocess, run_cfg, spec), world
 
 
@@ -89,10 +91,86 @@ def test_oracle_model_is_perfect():
     assert m["syn_order"] == 1.0
 
 
+class OrderModel(BagOfWordsModel):
+    """Reads word order, and records every caption it is asked to encode. A caption is, per vocabulary word, the
+    sum of the (1-based) positions it stands at; an image is its true caption's word counts, each weighted 1, 2
+    or 3 by the word's place in VOCAB. Every value is a small integer, so scores are exact: a shuffle scores as
+    its caption only by chance of where it puts the words, and equal texts score equally (a tie)."""
+
+    def __init__(self, world: ShapesWorld) -> None:
+        super().__init__(world)
+        self.seen: list[str] = []
+
+    @staticmethod
+    def image_vector(caption: str) -> torch.Tensor:
+        counts = Counter(caption.split())
+        return torch.tensor([float(counts[w] * (1 + k % 3)) for k, w in enumerate(VOCAB)])
+
+    @staticmethod
+    def text_vector(text: str) -> torch.Tensor:
+        v = torch.zeros(len(VOCAB))
+        for position, w in enumerate(text.split()):
+            v[VOCAB.index(w)] += position + 1
+        return v
+
+    def encode_images(self, images):
+        return torch.stack([self.image_vector(self.caption_of.get(x.numpy().tobytes(), "")) for x in images])
+
+    def encode_captions(self, texts, graphs=None):
+        self.seen += list(texts)
+        return torch.stack([self.text_vector(t) for t in texts])
+
+
+def expected_order_options(world: ShapesWorld, seed: int) -> list[list[str]]:
+    """Syn-Order's options as its recipe states them: per test scene in order, the canonical caption of the
+    mentioned objects, then ARO's four perturbations of its (word, tag) pairs, all drawn from one generator
+    seeded with the bench spec's seed."""
+    from datamodules.negatives import order_negatives
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(len(world)):
+        caption = render_caption(world.mentioned(world.graph(i)))
+        words = caption.split()
+        tags = ["NN" if w in ("circle", "square", "triangle", "diamond", "cross", "star") else
+                "JJ" if w in COLOURS or w in ("small", "large") else "X" for w in words]
+        rows.append([caption, *order_negatives(words, tags, rng)])
+    return rows
+
+
+def order_run(seed: int | None, test_size: int = 40):
+    ctx, world = context(OrderModel, test_size, seed=seed)
+    return BENCHMARKS.get("syn_order")(ctx), ctx.model, world
+
+
 def test_seeded_order_benchmark_is_reproducible():
-    a, _ = run_all(BagOfWordsModel, test_size=20)
-    b, _ = run_all(BagOfWordsModel, test_size=20)
-    assert a == b
+    default_seed = OmegaConf.structured(BenchSpec).seed
+    a, model_a, world = order_run(None)
+    b, model_b, _ = order_run(None)
+    c, model_c, _ = order_run(default_seed + 1)
+    options = expected_order_options(world, default_seed)
+    other = expected_order_options(world, default_seed + 1)
+    # the recipe does shuffle, and another seed draws other shuffles
+    assert any(o != row[0] for row in options for o in row[1:])
+    assert options != other
+    # the benchmark scored exactly the caption and the seeded shuffles, each distinct text once
+    assert sorted(model_a.seen) == sorted({t for row in options for t in row})
+    assert sorted(model_b.seen) == sorted(model_a.seen)
+    assert sorted(model_c.seen) == sorted({t for row in other for t in row})
+    for result, rows in ((a, options), (c, other)):
+        # our own scoring of those options, each image against its own five; a tie counts as right (ARO Order)
+        right = []
+        for i, row in enumerate(rows):
+            image = OrderModel.image_vector(world[i].captions[0])
+            scores = [float(image @ OrderModel.text_vector(t)) for t in row]
+            right.append(scores[0] >= max(scores[1:]))
+        assert result.metrics["syn_order"] == pytest.approx(sum(right) / len(right), abs=1e-6)
+        # a random scorer gives each distinct text one score: the caption wins against its distinct other texts
+        chance = sum(1 / (1 + len({t for t in row[1:] if t != row[0]})) for row in rows) / len(rows)
+        assert result.chance["syn_order"] == pytest.approx(chance)
+    assert 0.0 < a.metrics["syn_order"] < 1.0  # the order-reading model is neither always right nor always wrong
+    assert a.metrics == b.metrics and a.chance == b.chance and a.notes == b.notes
+    assert c.notes != a.notes  # the note names the seed
 
 
 class TruthModel(OracleModel):
@@ -143,7 +221,79 @@ def partial_metrics(model_cls, test_size=60):
     return BENCHMARKS.get("syn_partial_retrieval")(ctx), world
 
 
-def test_partial_retrieval_positives_are_every_image_the_prompt_is_true_of():
+OUR_PREDICATE = {  # box (x, y, w, h), y downwards: subject wholly on that side of the object
+    "left of": lambda a, b: a[0] + a[2] <= b[0], "right of": lambda a, b: b[0] + b[2] <= a[0],
+    "above": lambda a, b: a[1] + a[3] <= b[1], "below": lambda a, b: b[1] + b[3] <= a[1],
+}
+
+
+def prompt_true_of(text: str, scene) -> bool:
+    """Our own reading of a partial caption against a drawn scene (every object, distractors too): "a/an <attributes>
+    <shape>" is true where some object has that shape and exactly those attributes; "a/an <shape> <phrase> a/an
+    <shape>" where two objects of those shapes have boxes standing in the relation."""
+    m = CLAUSE[0].match(text)
+    if m is None:
+        *attributes, shape = text.split()[1:]
+        return any(e.name == shape and set(e.attributes) == set(attributes) for e in scene.objects)
+    relation = OUR_PREDICATE[PREDICATE_OF_PHRASE[m["p"]]]
+    return any(a.name == m["s"] and b.name == m["o"] and relation(a.box, b.box)
+               for a in scene.objects for b in scene.objects if a is not b)
+
+
+class UnnamedTruthModel(BagOfWordsModel):
+    """Scores a prompt 2 on an image it is true of (our reading of the drawn geometry) whose own partial captions do
+    not name it, 1 on an image that names it, 0 elsewhere; a prompt's feature is its one-hot. Both directions
+    therefore rank a true-but-unnamed image (or prompt) first wherever there is one: every recall is 1 only if the
+    benchmark counts every image a prompt is true of as a positive, not only the images that name it."""
+
+    FALSE = 0.0  # the score of a prompt on an image it is false of
+
+    def __init__(self, world: ShapesWorld) -> None:
+        super().__init__(world)
+        scenes = {np.asarray(world[i].image).tobytes(): world.graph(i) for i in range(len(world))}
+        named = {key: world.partial_captions(g) for key, g in scenes.items()}
+        self.prompts = list(dict.fromkeys(t for ts in named.values() for t in ts))
+        self.rows = {}
+        for key, g in scenes.items():
+            truth = [prompt_true_of(t, g) for t in self.prompts]
+            assert all(truth[k] for k, t in enumerate(self.prompts) if t in named[key])  # a named prompt is true
+            self.rows[key] = torch.tensor([1.0 if t in named[key] else 2.0 if true else self.FALSE
+                                           for t, true in zip(self.prompts, truth)])
+
+    def encode_images(self, images):
+        return torch.stack([self.rows[x.numpy().tobytes()] for x in images])
+
+    def encode_captions(self, texts, graphs=None):
+        return F.one_hot(torch.tensor([self.prompts.index(t) for t in texts]), len(self.prompts)).float()
+
+
+@pytest.mark.parametrize("distractors", [0, 1])
+def test_partial_retrieval_positives_are_every_image_the_prompt_is_true_of(distractors):
+    ctx, world = context(UnnamedTruthModel, 60, distractors=distractors)
+    scores = torch.stack(list(ctx.model.rows.values()))  # (N_image, N_prompt)
+    # some prompt is true of an image that does not name it (there the named-only reading would rank a miss first)
+    assert (scores == 2).any(dim=0).sum() >= 3
+    result = BENCHMARKS.get("syn_partial_retrieval")(ctx)
+    recalls = {k: v for k, v in result.metrics.items() if "R@" in k}
+    assert len(recalls) == 8 and all(v == 1.0 for v in recalls.values()), recalls
+    if distractors:  # a distractor counts too: an object prompt true only through another scene's distractor
+        assert any(CLAUSE[0].match(t) is None for t in np.array(ctx.model.prompts)[(scores == 2).any(dim=0).numpy()])
+    # and an image a prompt is false of is no positive: ranked first, it is a miss wherever there is one
+    ctx, _ = context(FalseFirstModel, 60, distractors=distractors)
+    scores = torch.stack(list(ctx.model.rows.values()))  # (N_image, N_prompt)
+    m = BENCHMARKS.get("syn_partial_retrieval")(ctx).metrics
+    assert m["syn_partial/t2i_R@1"] == pytest.approx((scores != 3).all(dim=0).float().mean().item())
+    assert m["syn_partial/i2t_R@1"] == pytest.approx((scores != 3).all(dim=1).float().mean().item())
+    assert m["syn_partial/t2i_R@1"] < 0.5 and m["syn_partial/i2t_R@1"] < 0.5
+
+
+class FalseFirstModel(UnnamedTruthModel):
+    """UnnamedTruthModel, but a prompt scores highest (3) on the images it is false of."""
+
+    FALSE = 3.0
+
+
+def test_partial_facts_agree_with_our_reading_of_the_scenes():
     from benchmarks.syn import fact_holds, partial_facts
 
     world = ShapesWorld(ShapesWorld.Config(test_size=60), "test")
@@ -155,6 +305,7 @@ def test_partial_retrieval_positives_are_every_image_the_prompt_is_true_of():
             # our own reading: an image's own partial captions, or its converse-free relation facts, name it
             named = {j for j, s in enumerate(scenes) if text in world.partial_captions(s)}
             assert named <= true_of
+            assert true_of == {j for j, s in enumerate(scenes) if prompt_true_of(text, s)}  # the geometry agrees
     # a relation prompt is not true of the scene with the two shapes' places exchanged
     g = scenes[0]
     (_, fact), = [(t, f) for t, f in partial_facts(world, g) if f[0] == "relation"]
