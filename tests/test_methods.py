@@ -86,6 +86,75 @@ def test_negclip_batch_is_2b_images_against_4b_texts(make_cfg, tmp_path):
     assert not torch.equal(batch["hard_image"], batch["image"]) and batch["hard_text"].shape == batch["text"].shape
 
 
+@torch.no_grad()
+def test_negclip_loss_puts_the_hard_negative_captions_in_the_image_to_text_logits(make_cfg, tmp_path):
+    """On a real batch, NegCLIP's contrastive term is the pure loss over the 2B images (items, then their
+    neighbours) and their 2B captions, with the 2B hard negative captions (the items', then the neighbours')
+    as extra image->text columns, masked where a negative is missing; it is not plain CLIP's loss."""
+    module, batch = batch_of(make_cfg, "negclip", f"cache_dir={tmp_path}")
+    module.eval()  # no dropout: the test's own encoding gives the module's features
+    b = batch["image"].shape[0]
+    feats = module.encode(batch)
+    # the features, encoded here from the batch itself (not read off NegCLIP.encode's layout)
+    img = module.encode_image_tensor(torch.cat([batch["image"], batch["hard_image"]]))  # (2B, D)
+    txt = module.encode_text_tokens(torch.cat([batch["text"], batch["hard_text"]]))  # (2B, D)
+    neg = module.encode_text_tokens(torch.cat([batch["neg_text"], batch["hard_neg_text"]]))  # (2B, D)
+    valid = torch.cat([batch["has_neg"], batch["hard_has_neg"]]).bool()  # (2B,)
+    scale = module.model.logit_scale.exp()
+    assert img.shape[0] == txt.shape[0] == neg.shape[0] == 2 * b
+    for key, mine in [("image_features", img), ("text_features", txt), ("neg_text_features", neg)]:
+        torch.testing.assert_close(feats[key], mine, rtol=1e-4, atol=1e-5)
+    assert torch.equal(feats["neg_valid"], valid)
+
+    def expected(neg_valid):
+        return contrastive_loss(img, txt, img, txt, scale, all_extra_text=neg, all_extra_valid=neg_valid)
+
+    plain = contrastive_loss(img, txt, img, txt, scale)
+    got = module.loss_terms(batch, feats)["contrastive_loss"]
+    torch.testing.assert_close(got, expected(valid), rtol=1e-4, atol=1e-5)
+    assert got - plain > 1e-2, "the hard negative captions do not enter the loss"
+    # a negative marked missing leaves the softmax: the module follows neg_valid, not the ids it holds
+    some = valid.clone()
+    some[::2] = False
+    masked = module.loss_terms(batch, dict(feats, neg_valid=some))["contrastive_loss"]
+    torch.testing.assert_close(masked, expected(some), rtol=1e-4, atol=1e-5)
+    assert got - masked > 1e-3 and masked - plain > 1e-3
+
+
+def test_negclip_hard_image_is_a_neighbour_with_its_own_captions(make_cfg, tmp_path):
+    """Each item's hard image is the transformed image of one of its rows of the neighbour table, and its
+    hard caption is a caption of that neighbour (its hard negative a negative of that caption)."""
+    module, dm = build(make_cfg("method=negclip", f"cache_dir={tmp_path}"))
+    table = dm.field_options["neighbours"]
+    ds = dm.dataset("train")
+    kinds = set(module.mcfg.negative_kinds)
+    tok = lambda t: module.tokenizer([t])[0]  # noqa: E731
+    picked = set()
+    for i in range(16):
+        item = ds[i]
+        row = table[i].tolist()
+        assert i not in row
+        images = {j: ds.transform(ds.source[j].image) for j in row}
+        hits = [j for j in row if torch.equal(item["hard_image"], images[j])]
+        assert hits, f"item {i}: the hard image is none of its neighbours {row}"
+        assert not torch.equal(item["hard_image"], item["image"])
+        ok = False
+        for j in hits:
+            other = ds.source[j]
+            for k, caption in enumerate(other.captions):
+                if not torch.equal(item["hard_text"], tok(caption)):
+                    continue
+                negs = {n for kind, v in other.extra["negative_captions"](k).items() if kind in kinds and v
+                        for n in (v if isinstance(v, list) else [v])}
+                if item["hard_has_neg"]:
+                    ok |= any(torch.equal(item["hard_neg_text"], tok(n)) for n in negs)
+                else:
+                    ok |= not negs and torch.equal(item["hard_neg_text"], item["hard_text"])
+            picked.add(row.index(j))
+        assert ok, f"item {i}: hard_text/hard_neg_text are not a caption of neighbour {hits} and its negative"
+    assert len(picked) > 1  # drawn among the neighbours, not always the same column
+
+
 def test_negclip_neighbours_are_nearest_and_cached(make_cfg, tmp_path):
     cfg = make_cfg("method=negclip", f"cache_dir={tmp_path}")
     module, dm = build(cfg)

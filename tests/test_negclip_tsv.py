@@ -5,6 +5,7 @@ import csv
 import random
 
 import pytest
+import torch
 from PIL import Image
 
 from datamodules.datamodule import collate
@@ -27,9 +28,10 @@ def fixture_rows(rows: int) -> list[tuple[str, list[str]]]:
     return (out + [(f"a photo of thing {i}.", [f"thing {i} of a photo ."]) for i in range(2, rows)])[:rows]
 
 
-def write_fixture(root, rows: int = 12, name: str = "train.csv"):
+def write_fixture(root, rows: int = 12, name: str = "train.csv", offsets=(1, 2, 3), first_id: int = 0):
     """A file in the released layout, written as pandas' to_csv(sep="\\t") writes it (a field holding a quote
-    is quoted, its quotes doubled), with generated images."""
+    is quoted, its quotes doubled), with generated images. Row i has the row id first_id + i, and its
+    neg_image column names the rows i + offsets (mod rows) by their row ids."""
     (root / "coco" / "val2014").mkdir(parents=True, exist_ok=True)
     with open(root / name, "w", newline="") as f:
         f.write(HEADER)
@@ -37,8 +39,8 @@ def write_fixture(root, rows: int = 12, name: str = "train.csv"):
         for i, (caption, negs) in enumerate(fixture_rows(rows)):
             path = f"val2014/COCO_val2014_{i:012d}.jpg"
             Image.new("RGB", (40, 30), (20 * i % 255, 100, 150)).save(root / "coco" / path)
-            neighbours = [(i + 1) % rows, (i + 2) % rows, (i + 3) % rows]
-            writer.writerow([i, caption, path, repr(negs), repr(neighbours)])
+            neighbours = [first_id + (i + o) % rows for o in offsets]
+            writer.writerow([first_id + i, caption, path, repr(negs), repr(neighbours)])
     return root / name
 
 
@@ -73,6 +75,37 @@ def test_negclip_trains_on_the_file_with_its_own_negatives(tmp_path):
     assert collate([ds[i] for i in range(4)])["hard_image"].shape[0] == 4
     run = train(cfg)
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_negclip_hard_image_is_a_row_its_neg_image_column_names(tmp_path):
+    """Each item's hard image is exactly the image of a row that its neg_image column names (by row id, which
+    is not the row's position), its hard caption that row's title, its hard negative one of that row's
+    released negatives. The fixture's neighbours are rows i+4 and i+7: never the item itself or the next row."""
+    rows, offsets = 12, (4, 7)
+    path = write_fixture(tmp_path, rows=rows, offsets=offsets, first_id=100)
+    argv = ["method=negclip", "data=negclip_coco", f"data.options.train_file={path}", f"data.options.val_file={path}",
+            f"data.options.image_root={tmp_path / 'coco'}", "data.batch_size=4", "data.num_workers=0",
+            f"cache_dir={tmp_path / 'cache'}", f"runs_dir={tmp_path / 'runs'}", "trainer=debug", "data.eval_batch_size=4"]
+    module, dm = build(compose_train(argv))
+    ds = dm.dataset("train")
+    tok = lambda t: module.tokenizer([t])[0]  # noqa: E731
+    text = fixture_rows(rows)
+    # every row's image, read from its file here and put through the model transform
+    images = []
+    for p in range(rows):
+        with Image.open(tmp_path / "coco" / f"val2014/COCO_val2014_{p:012d}.jpg") as im:
+            images.append(ds.transform(im.convert("RGB")))
+    assert all(not torch.equal(images[p], images[q]) for p in range(rows) for q in range(p))
+    picked = set()
+    for i in range(rows):
+        named = [(i + o) % rows for o in offsets]  # the positions of the row ids in row i's neg_image
+        item = ds[i]
+        (p,) = [q for q in range(rows) if torch.equal(item["hard_image"], images[q])]
+        assert p in named, f"row {i}: the hard image is row {p}'s, not one of the rows its neg_image names {named}"
+        assert torch.equal(item["hard_text"], tok(text[p][0]))
+        assert item["hard_has_neg"] and any(torch.equal(item["hard_neg_text"], tok(n)) for n in text[p][1])
+        picked.add((p - i) % rows)
+    assert len(picked) > 1  # drawn among the named rows, not always the first
 
 
 @pytest.mark.parametrize("corrupt,match", [
