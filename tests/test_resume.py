@@ -67,6 +67,38 @@ def val_losses(run: Path) -> list[float]:
         return [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
 
 
+# how far apart each tensor of an AdamW state entry may be; every one is compared, whatever its name
+STATE_TOLERANCE = {"exp_avg": {"rtol": 1e-5, "atol": 1e-9}, "exp_avg_sq": {"rtol": 1e-5, "atol": 1e-12}}
+
+
+def assert_same_optimizer_state(a: dict, b: dict) -> None:
+    """Checkpoint b's optimizers hold the state of checkpoint a's: as many optimizers, the same parameter entries,
+    and in each entry the same tensors (exp_avg, exp_avg_sq, step), all of them compared."""
+    oa, ob = a["optimizer_states"], b["optimizer_states"]
+    assert len(oa) == len(ob) >= 1
+    for opt_a, opt_b in zip(oa, ob, strict=True):
+        sa, sb = opt_a["state"], opt_b["state"]
+        na, nb = len(sa), len(sb)  # zip would stop silently at the shorter one
+        assert na == nb > 0, f"{na} parameter states in the reference, {nb} after resume"
+        assert sorted(sa) == sorted(sb)
+        for pid in sa:
+            assert sorted(sa[pid]) == sorted(sb[pid]), pid
+            assert {"exp_avg", "exp_avg_sq", "step"} <= set(sa[pid]), sorted(sa[pid])
+            for name, va in sa[pid].items():
+                vb = sb[pid][name]
+                if name == "step":  # a count of steps: exactly equal
+                    assert float(vb) == float(va) > 0, (pid, float(va), float(vb))
+                else:
+                    torch.testing.assert_close(vb, va, **STATE_TOLERANCE.get(name, {"rtol": 1e-5, "atol": 1e-9}),
+                                               msg=lambda m, pid=pid, name=name: f"state[{pid}][{name}]: {m}")
+        assert len(opt_a["param_groups"]) == len(opt_b["param_groups"])
+        for ga, gb in zip(opt_a["param_groups"], opt_b["param_groups"], strict=True):
+            assert sorted(ga) == sorted(gb)
+            for key, va in ga.items():  # lr (the schedule's position), betas, weight decay, the parameter ids
+                same = gb[key] == pytest.approx(va, rel=1e-6) if isinstance(va, float) else gb[key] == va
+                assert same, (key, va, gb[key])
+
+
 def test_killed_mid_epoch_twice_resumes_to_the_uninterrupted_result(tmp_path, one_thread):
     ref = tmp_path / "ref"
     assert train_main([f"run_dir={ref}", *ARGS]) == 0  # uninterrupted, no workers
@@ -93,8 +125,7 @@ def test_killed_mid_epoch_twice_resumes_to_the_uninterrupted_result(tmp_path, on
     assert a["global_step"] == b["global_step"] == 2 * PER_EPOCH
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
-    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
-        torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=1e-5, atol=1e-12)
+    assert_same_optimizer_state(a, b)
     la, lb = losses(ref), losses(run)
     assert sorted(la) == sorted(lb) == list(range(2 * PER_EPOCH))  # every step logged once, under its own number
     assert all(abs(la[s] - lb[s]) <= 1e-5 for s in la), {s: (la[s], lb[s]) for s in la if la[s] != lb[s]}

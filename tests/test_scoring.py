@@ -166,6 +166,32 @@ def test_captions_with_graphs_are_distinct_by_caption_and_graph():
         encode_unique_texts(enc, texts, graphs[:3])
 
 
+class GraphEncoder(CountingEncoder):
+    """A caption's feature depends on its graph too: (length, count of 'a', length of the graph's relation)."""
+
+    def encode_captions(self, texts, graphs=None):
+        super().encode_captions(texts, graphs)
+        return torch.stack([self.feature(t, g) for t, g in zip(texts, graphs)])
+
+    @staticmethod
+    def feature(text, graph):
+        return torch.tensor([len(text), text.count("a"), len(graph.relation)], dtype=torch.float64)
+
+
+def test_each_row_gets_the_features_of_its_own_caption_and_graph():
+    texts = ["a cat", "a cat", "dog", "a cat", "dog", "a cat"]
+    graphs = [Graph("on"), Graph("under"), Graph("beside"), Graph("on"), Graph("on"), Graph("under")]
+    for batch_size in (256, 2):  # one batch, and the distinct pairs spread over batches
+        enc = GraphEncoder()
+        feats = encode_unique_texts(enc, texts, graphs, batch_size=batch_size)
+        assert len(enc.texts) == 4  # the distinct (caption, graph) pairs, once each
+        assert feats.shape == (6, 3)
+        for t, g, f in zip(texts, graphs, feats):
+            torch.testing.assert_close(f, GraphEncoder.feature(t, g).float())
+        assert not torch.equal(feats[0], feats[1]) and not torch.equal(feats[2], feats[4])  # same text, other graph
+        assert torch.equal(feats[0], feats[3]) and torch.equal(feats[1], feats[5])  # same (text, graph)
+
+
 class Images(torch.utils.data.Dataset):
     """Seven 'preprocessed images'; image i is filled with the value i. Counts how often each is loaded."""
 

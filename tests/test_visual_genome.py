@@ -2,6 +2,7 @@
 id-hash split, ARO exclusion, bad input named by file and record, the cache, and a hub dataset."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -62,6 +63,18 @@ def test_split_by_id_hash_is_deterministic_and_disjoint(tmp_path):
                                                 for s in ids}
     # an image's split depends on its id alone: removing other images moves nothing
     assert all(VG.split_of(cfg, None, i) == s for s in ids for i in ids[s])
+    # and it is the documented stable hash, computed here independently (so it holds in every process, whatever
+    # PYTHONHASHSEED): u = the first 8 hex digits of sha1("vg-<id>") / 16**8; val below 0.25, test below 0.5
+    def expected(image_id):
+        u = int(hashlib.sha1(f"vg-{int(image_id)}".encode()).hexdigest()[:8], 16) / 16 ** 8
+        return "val" if u < 0.25 else "test" if u < 0.5 else "train"
+
+    assert {s: sorted(ids[s]) for s in ids} == {
+        s: sorted(e["image_id"] for e in info["image_data"] if expected(e["image_id"]) == s) for s in ids}
+    # a few ids pinned (u = 0.984, 0.0971, 0.2506, 0.2202), each written as VG's files and ARO's write it
+    for image_id, want in ((1, "train"), (2, "val"), (1000, "test"), (2417997, "val")):
+        assert expected(image_id) == want
+        assert [VG.split_of(cfg, None, v) for v in (image_id, str(image_id), f"{image_id}.jpg")] == [want] * 3
 
 
 def test_aro_images_are_excluded(tmp_path, caplog):
