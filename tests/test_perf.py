@@ -261,7 +261,9 @@ def test_the_lab_adds_a_fixed_number_of_ops_to_the_bare_step_whatever_the_depth(
         assert b["ops_per_step"] > 100 and b["ops"]["_fused_adamw_"] == 1  # one multi-tensor kernel call per group
         assert with_lab["ops"]["_fused_adamw_"] == 2 and with_lab["ops"]["mm"] == b["ops"]["mm"]  # the same model work
         extra[layers] = with_lab["ops_per_step"] - b["ops_per_step"]
-    assert 0 < extra[2] == extra[4] <= 60, extra  # measured: 37 (the CPU's one read of the guard's count included)
+    # a budget, not a figure: the lab's step adds 37 operations to the bare step's (2026-12-05: the non-finite guard,
+    # the temperature clamp, logging; the CPU reads the guard's count once); 60 leaves room, and depth adds none
+    assert 0 < extra[2] == extra[4] <= 60, extra
 
 
 @pytest.mark.parametrize("method", ["clip", "negclip", "structureclip", "smartclip", "msgclip"])
