@@ -218,12 +218,21 @@ def table_rows(groups: list[dict[str, Any]], metrics: list[str]) -> list[dict[st
     return rows
 
 
+def cell_notes(results: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[str]:
+    """The cells' notes, each once: a note every cell has as it is, one only some cells have (a run's own
+    figures, a method's own caveat) followed by the grid values and seeds of the cells that have it."""
+    holders: dict[str, list[str]] = {}
+    for point, r in results:
+        for n in r["notes"]:
+            holders.setdefault(n, []).append(" ".join(f"{k}={v}" for k, v in point.items()))
+    return [n if len(cells) == len(results) else f"{n} [{'; '.join(cells)}]" for n, cells in holders.items()]
+
+
 def report(spec: SweepSpec, results: list[tuple[dict[str, Any], dict[str, Any]]]) -> Path:
     families: dict[str, list[str]] = {}
-    notes: list[str] = []
     for _, r in results:
         merge_families(families, r["families"])
-        notes += [n for n in r["notes"] if n not in notes]
+    notes = cell_notes(results)
     metrics = [m for ms in families.values() for m in ms]
     groups = aggregate(results, metrics)
     out = new_folder(Path(spec.out_dir) / spec.name / f"report-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -96,6 +96,12 @@ def test_compare_has_a_row_per_method_baseline_first(tmp_path, capsys):
     assert {json.loads(p.read_text())["rows"][0]["method"] for p in results} == set(METHODS.names())
     (report,) = (tmp_path / "sw" / "compare").glob("report-*")
     assert r"\begin{tabular}" in (report / "results.tex").read_text()
+    # a note of one cell's own (its Syn-Swaps figures) names that cell; one every cell has is shown once, bare
+    notes = [line for line in (report / "results.md").read_text().splitlines() if line.startswith("- ")]
+    swaps = [n for n in notes if n.startswith("- Syn-Swaps:")]
+    assert len(swaps) >= len(METHODS.names()) and all(n.endswith("]") and "method=" in n for n in swaps)  # (variants)
+    assert {n.rsplit("[", 1)[1] for n in swaps} == {f"method={m} seed=0]" for m in METHODS.names()}
+    assert sum(n.startswith("- Syn-Relation: tie counts as wrong") for n in notes) == 1
 
 
 def test_print_commands_lists_one_job_per_unfinished_cell(tmp_path, capsys):
