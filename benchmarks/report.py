@@ -22,6 +22,17 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", r"\|")
 
 
+def labelled_notes(sources: list[tuple[str, list[str]]]) -> list[str]:
+    """The notes of several sources (runs, sweep cells), each once: a note every source has as it is, one only some
+    have (a run's own figures, a method's own caveat) followed by the labels of those that have it."""
+    holders: dict[str, list[str]] = {}
+    for label, notes in sources:
+        for n in notes:
+            if label not in holders.setdefault(n, []):
+                holders[n].append(label)
+    return [n if len(labels) == len(sources) else f"{n} [{'; '.join(labels)}]" for n, labels in holders.items()]
+
+
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A Markdown table of `columns` (in that order), one line per row, numbers with 3 decimals, missing as '–'."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]

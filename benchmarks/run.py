@@ -21,7 +21,7 @@ import configs
 from configs.files import new_folder
 from configs.schema import ModelConfig, TrainConfig
 from benchmarks.base import BENCHMARKS, BenchContext
-from benchmarks.report import format_table, write_report
+from benchmarks.report import format_table, labelled_notes, write_report
 from methods import METHODS
 from methods.checkpoints import read_checkpoint
 from methods.train import cpu_kernels, saved_config
@@ -192,11 +192,13 @@ def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, list[str]], list[st
             rows, families, notes = bench_module(module, run_cfg, cfg, label, "bare-model", out)
             for row in rows:
                 row.update(method=f"{row['method']}/zero-shot", seed=None)
+        per_run = []
         for run in runs:
             r, f, n = bench_run(run, cfg, device_for(cfg.device), out)
             rows += r
             merge_families(families, f)
-            notes += [x for x in n if x not in notes]
+            per_run.append((str(run), n))
+        notes += labelled_notes(per_run)
         kernels = kernels_label(cpu_kernels())
         if kernels and device_for(cfg.device).type == "cpu":
             notes.append(f"evaluated on CPU with {kernels}")

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 
 import configs
 from configs.files import keep_aside, new_folder, write_atomic
-from benchmarks.report import curves_chart, format_table, latex_table, _chart
+from benchmarks.report import curves_chart, format_table, labelled_notes, latex_table, _chart
 from benchmarks.run import bench_run, device_for, merge_families
 from methods import METHODS
 from methods.train import compose_train, config_differences, process_rank, saved_config, train
@@ -218,21 +218,11 @@ def table_rows(groups: list[dict[str, Any]], metrics: list[str]) -> list[dict[st
     return rows
 
 
-def cell_notes(results: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[str]:
-    """The cells' notes, each once: a note every cell has as it is, one only some cells have (a run's own
-    figures, a method's own caveat) followed by the grid values and seeds of the cells that have it."""
-    holders: dict[str, list[str]] = {}
-    for point, r in results:
-        for n in r["notes"]:
-            holders.setdefault(n, []).append(" ".join(f"{k}={v}" for k, v in point.items()))
-    return [n if len(cells) == len(results) else f"{n} [{'; '.join(cells)}]" for n, cells in holders.items()]
-
-
 def report(spec: SweepSpec, results: list[tuple[dict[str, Any], dict[str, Any]]]) -> Path:
     families: dict[str, list[str]] = {}
     for _, r in results:
         merge_families(families, r["families"])
-    notes = cell_notes(results)
+    notes = labelled_notes([(" ".join(f"{k}={v}" for k, v in point.items()), r["notes"]) for point, r in results])
     metrics = [m for ms in families.values() for m in ms]
     groups = aggregate(results, metrics)
     out = new_folder(Path(spec.out_dir) / spec.name / f"report-{time.strftime('%Y%m%d-%H%M%S')}")

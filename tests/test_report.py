@@ -140,3 +140,13 @@ def test_chance_levels_reach_the_charts_and_stay_out_of_the_tables(tmp_path, mon
     paths = write_report(rows, tmp_path, families={"fam": ["a", "b"]})
     assert drawn == [0.5, 0.2]  # one dashed line per metric, at its chance level
     assert "chance" not in paths["csv"].read_text().splitlines()[0] and "chance" not in paths["md"].read_text()
+
+
+def test_notes_of_several_runs_are_shown_once_and_a_runs_own_names_it():
+    from benchmarks.report import labelled_notes
+
+    notes = labelled_notes([("run-a", ["chance 0.5", "margin 0.1", "shared caveat"]),
+                            ("run-b", ["chance 0.5", "margin 0.3", "shared caveat", "shared caveat"]),
+                            ("run-c", ["chance 0.5", "margin 0.1"])])
+    assert notes == ["chance 0.5", "margin 0.1 [run-a; run-c]", "shared caveat [run-a; run-b]", "margin 0.3 [run-b]"]
+    assert labelled_notes([("only", ["a", "b"])]) == ["a", "b"]
