@@ -10,7 +10,11 @@ the cells that finished, benchmarks a cell whose run finished, and continues the
 checkpoints (a cell job printed by --print-commands and requeued after a kill does the same). The cell folder's
 name carries a hash of the cell's overrides, so changed settings never reuse old results; result.json records
 the bench config it was made with, and a cell whose result came from another one is benchmarked again (its run
-is not trained again; the old result is kept as result.other-bench-<k>.json).
+is not trained again; the old result is kept as result.other-bench-<k>.json). A cell whose run was made with
+another config than its overrides give today (a default changed since; not where it is written or how often it
+logs) is set aside whole as <cell>.other-config-<k> and trained again, so old results are never reported as the
+new config's. Under torchrun or SLURM, where every rank runs the sweep from the start, run it once on one process
+(or with --print-commands) after such a change, so that the ranks find the cells settled.
 """
 from __future__ import annotations
 
@@ -94,14 +98,37 @@ def finished_run(cell_dir: Path) -> Path | None:
     return done[-1].parent if done else None
 
 
+# where a run is written and how often it reports, not what it computes: a sweep folder moved or named by another
+# path (runs_dir is one of a cell's overrides), or a changed default of these, does not make a cell another run
+NOT_THE_RUN = ("runs_dir", "run_dir", "run_name", "cache_dir", "data.num_workers", "data.options.cache_dir",
+               "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps")
+
+
 def config_changes(cell_dir: Path, overrides: list[str]) -> list[str]:
     """What differs between the config the cell's run (finished or not) was made with and the one its overrides
     compose to today (a default changed since, in a method's YAML or a config group); [] without a run. A cell's
-    name holds only its overrides, so a sweep run again would otherwise reuse, or continue, a run of another config."""
+    name holds only its overrides, so a sweep run again would otherwise reuse, or continue, a run of another
+    config. A run config that cannot be read counts as another config (named)."""
     run = finished_run(cell_dir) or (cell_dir / "run" if (cell_dir / "run" / "config.yaml").is_file() else None)
     if run is None:
         return []
-    return config_differences(saved_config(run), compose_train(overrides + cell_run_args(cell_dir)))
+    try:
+        saved = saved_config(run)
+    except (configs.ConfigError, OSError, ValueError) as e:
+        return [f"its config.yaml cannot be read ({e.args[0] if e.args else e})"]
+    changed = config_differences(saved, compose_train(overrides + cell_run_args(cell_dir)))
+    return [c for c in changed if c.split(":", 1)[0] not in NOT_THE_RUN]
+
+
+def settle(name: str, cell_dir: Path, overrides: list[str]) -> bool:
+    """Set the cell aside if its run was made with another config (rank 0 alone renames); True if it was."""
+    changed = config_changes(cell_dir, overrides)
+    if changed and process_rank() == 0:
+        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+        aside = set_aside(cell_dir, "other-config")
+        print(f"[sweep] {name}: its run was made with another config ({shown}); kept as {aside.name}, "
+              "training the cell again", file=sys.stderr)
+    return bool(changed)
 
 
 def set_aside(cell_dir: Path, why: str) -> Path:
@@ -271,20 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(spec.out_dir) / spec.name / "cells"
     if "--print-commands" in flags:  # one cluster job per cell; run the sweep again afterwards to report
         for name, _, overrides in todo:
-            if not (root / name / "result.json").is_file():
+            if settle(name, root / name, overrides) or not (root / name / "result.json").is_file():
                 print(" ".join(["python -m methods.train", *map(shlex.quote, overrides + cell_run_args(root / name))]))
         return 0
     max_cells = next((int(f.split("=", 1)[1]) for f in flags if f.startswith("--max-cells=")), None)
     results, ran = [], 0
     for name, point, overrides in todo:
         cell_dir = root / name
-        changed = config_changes(cell_dir, overrides)
-        if changed:
-            shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
-            if process_rank() == 0:  # under DDP rank 0 moves it; every rank trains the cell again
-                aside = set_aside(cell_dir, "other-config")
-                print(f"[sweep] {name}: its run was made with another config ({shown}); kept as {aside.name}, "
-                      "training the cell again")
+        changed = settle(name, cell_dir, overrides)  # under DDP rank 0 moves it; every rank trains the cell again
         done = None if changed else read_result(cell_dir)
         if done is not None and done.get("bench") != bench_key(bench_cfg):
             # benchmarked with another bench config (the cell's name holds only its training overrides): its run

@@ -120,9 +120,15 @@ class ParsedCaption:
             graph = SceneGraph(entities, tuple(Relation(int(s), str(p), int(o)) for s, p, o in d["relations"]))
             spans = list(map(int, d["spans"]))
             w = d["written"]
-            written = None if w is None else SceneGraph(
-                tuple(Entity(str(name), tuple(map(str, attrs))) for name, attrs in w["objects"]),
-                tuple(Relation(r.subject, str(p), r.object) for r, p in zip(graph.relations, w["predicates"], strict=True)))
+            written = None
+            if w is not None:
+                names, preds = [o[0] for o in w["objects"]], list(w["predicates"])
+                if (len(names) != len(entities) or not all(isinstance(x, str) for x in names + preds)
+                        or not all(isinstance(o[1], list) and all(isinstance(a, str) for a in o[1]) for o in w["objects"])):
+                    raise ValueError("its written forms are not the graph's names, attribute lists and predicates")
+                written = SceneGraph(tuple(Entity(name, tuple(o[1])) for name, o in zip(names, w["objects"])),
+                                     tuple(Relation(r.subject, p, r.object)
+                                           for r, p in zip(graph.relations, preds, strict=True)))
             return cls(
                 text=str(d["text"]), words=tuple(d["words"].split("\t")), xpos=tuple(d["xpos"].split(" ")),
                 graph=graph, spans=tuple(zip(spans[::2], spans[1::2])),

@@ -251,9 +251,10 @@ def test_written_forms_are_the_captions_words_with_lemmatised_attributes(sentenc
 
 def test_written_forms_must_match_the_graph(sentences):
     d = graph_from_sentence(sentences["A man riding a horse."]).to_dict()
-    d["written"]["predicates"] = []
-    with pytest.raises(ValueError, match="malformed"):
-        ParsedCaption.from_dict(d)
+    for bad in ({"predicates": []}, {"predicates": [None]}, {"objects": [["man", "red"], ["horse", []]]},
+                {"objects": [["man", []]]}):
+        with pytest.raises(ValueError, match="malformed"):
+            ParsedCaption.from_dict(d | {"written": d["written"] | bad})
 
 
 def test_a_plain_obl_by_is_the_agent_only_for_a_parser_without_the_agent_label(sentences):

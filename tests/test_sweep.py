@@ -69,11 +69,22 @@ def test_killed_sweep_skips_finished_cells(tmp_path, capsys):
     # a cell whose run was made with another config than its overrides give today (a default changed since): the
     # cell is set aside whole, never reused or reported, and trained again
     saved = yaml.safe_load((cells[0] / "run" / "config.yaml").read_text())
+    moved = saved | {"runs_dir": "/somewhere/else/runs", "data": saved["data"] | {"num_workers": 7}}
+    (cells[0] / "run" / "config.yaml").write_text(yaml.safe_dump(moved))  # written elsewhere: the same run
+    assert sweep_main([sweep, "--print-commands"]) == 0 and capsys.readouterr().out == ""
     saved["optim"]["weight_decay"] = 0.5
     (cells[0] / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert sweep_main([sweep, "--print-commands"]) == 0  # its job is printed, the old run set aside
+    captured = capsys.readouterr()
+    assert "was made with another config (optim.weight_decay: 0.5 -> 0.1)" in captured.err
+    assert captured.out.count("python -m methods.train") == 1 and f"run_dir={cells[0] / 'run'}" in captured.out
+    aside = cells[0].with_name(cells[0].name + ".other-config-1")
+    aside.rename(cells[0])  # back, for the sweep itself to find it
     assert sweep_main([sweep]) == 0
-    out = capsys.readouterr().out
-    assert "was made with another config (optim.weight_decay: 0.5 -> 0.1)" in out and out.count(": running") == 1
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "was made with another config (optim.weight_decay: 0.5 -> 0.1)" in captured.err
+    assert out.count(": running") == 1
     aside = cells[0].with_name(cells[0].name + ".other-config-1")
     assert yaml.safe_load((aside / "run" / "config.yaml").read_text())["optim"]["weight_decay"] == 0.5
     assert (cells[0] / "run" / "done.json").stat().st_mtime_ns != trained
