@@ -6,9 +6,9 @@ Where a parse comes from, in order:
    parses from any UD parser.
 2. The cache: JSON lines under `cache_dir/<version>/`, one record per caption keyed by a hash of (text, version);
    the version changes with the rules (`RULES_VERSION`) and with the parser (Stanza's package version and model
-   files, or the CoNLL-U files' contents, and an explicit `agent_label`), so a stale parse is never reused. Each writer adds whole new shard
-   files (written to a temporary name, then renamed), so a crash never leaves half a file and two processes never
-   write the same file. A line that is not valid JSON, whose key does not match its text, or whose record is
+   files, or the CoNLL-U files' contents, and an explicit `agent_label`), so a stale parse is never reused. Each
+   writer adds whole new shard files (written to a temporary name, then renamed), so a crash never leaves half a
+   file and two processes never write the same file. A line that is not valid JSON, whose key does not match its text, or whose record is
    inconsistent is ignored with a warning that names the file and line, and that caption is parsed again.
 3. The backend (`ParserConfig.backend`, a registry): "stanza" runs `tokenize,pos,lemma,depparse` from a local
    model directory (no download is ever attempted), batched, on the GPU when there is one; "conllu" parses
@@ -317,9 +317,6 @@ class CaptionParser:
     def _backend_version(self) -> str:
         return self.backend.version() + self._setting()
 
-    def _agent_label(self, source: Any) -> bool:
-        return self.cfg.agent_label if self.cfg.agent_label is not None else source.labels_agents()
-
     def _from_cache(self, version: str, texts: list[str], found: dict[str, ParsedCaption]) -> list[str]:
         for t in texts:
             p = self.cache.get(version, t)
@@ -359,7 +356,7 @@ class CaptionParser:
             for start in range(0, len(todo), self.cfg.batch_size):
                 chunk = todo[start:start + self.cfg.batch_size]
                 docs = self.backend.parse(chunk)
-                agents = self._agent_label(self.backend)
+                agents = self.cfg.agent_label if self.cfg.agent_label is not None else self.backend.labels_agents()
                 pending += [graph_from_sentence(doc, text=t, agent_label=agents) for t, doc in zip(chunk, docs)]
                 if len(pending) >= SHARD_SIZE or start + self.cfg.batch_size >= len(todo):
                     self.cache.put(version, pending)

@@ -134,9 +134,12 @@ class ContrastiveMethod(L.LightningModule):
         """Named loss terms; keys ending in `_loss` are summed into the training loss."""
         rank, _ = dist_info()
         img, txt = feats["image_features"], feats["text_features"]
-        return {
-            "contrastive_loss": contrastive_loss(img, txt, self.gather(img), self.gather(txt), feats["logit_scale"], rank)
-        }
+        return {"contrastive_loss": contrastive_loss(img, txt, self.gather(img), self.gather(txt), feats["logit_scale"],
+                                                     rank, same=self.same_captions(batch))}
+
+    def same_captions(self, batch: dict[str, Any]) -> Tensor | None:
+        """(B, W*B) pairs known to be true matches besides each positive, left out of the negatives; None: none."""
+        return None
 
     def training_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         feats = self.encode(batch)

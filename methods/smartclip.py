@@ -13,8 +13,9 @@ base module's `own_param_groups`. Captions of several granularities come from th
 Departures, stated: a caption drawn for two images of the global batch is a negative of neither
 (`exclude_duplicates`, on in configs/method/smartclip.yaml; the release's long captions rarely repeat, the lab's
 partial captions do). The hard mask is on where the mask network's logit is >= 0 (the release thresholds the
-sigmoid at 0.5, which bf16 rounds to 0.5 for logits just below 0). The release's mask width is the text width, equal to the embedding width in its models;
-where they differ a linear map to the embedding width is added (not for the default model).
+sigmoid at 0.5, which bf16 rounds to 0.5 for logits just below 0). The release's mask width is the text width,
+equal to the embedding width in its models; where they differ a linear map to the embedding width is added (not for
+the default model).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
 from methods.base import METHODS, ContrastiveMethod, dist_info
-from methods.losses import contrastive_loss, smart_alignment_losses
+from methods.losses import smart_alignment_losses
 from methods.towers import encode_text_tokens
 
 
@@ -129,12 +130,10 @@ class SmartCLIP(ContrastiveMethod):
         return key[:, None] == self.gather(key)[None, :]
 
     def loss_terms(self, batch: dict[str, Any], feats: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.mask_net is None:
+            return super().loss_terms(batch, feats)  # InfoNCE with the learned scale (twins left out: same_captions)
         rank, _ = dist_info()
         same = self.same_captions(batch)
-        if self.mask_net is None:  # InfoNCE with the learned scale
-            img, txt = feats["image_features"], feats["text_features"]
-            return {"contrastive_loss": contrastive_loss(img, txt, self.gather(img), self.gather(txt),
-                                                         feats["logit_scale"], rank, same=same)}
         img, mask, txt = feats["image_raw"], feats["mask"], feats["text_features"]
         scale = self.mcfg.scale if self.mcfg.scale > 0 else self.model.logit_scale.exp()
         sidm, dism = smart_alignment_losses(img, mask, txt, self.gather(img), self.gather(mask), self.gather(txt),
