@@ -125,19 +125,10 @@ def settle(name: str, cell_dir: Path, overrides: list[str]) -> bool:
     changed = config_changes(cell_dir, overrides)
     if changed and process_rank() == 0:
         shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
-        aside = set_aside(cell_dir, "other-config")
+        aside = keep_aside(cell_dir, "other-config")  # the whole folder: <cell>.other-config-<k>
         print(f"[sweep] {name}: its run was made with another config ({shown}); kept as {aside.name}, "
               "training the cell again", file=sys.stderr)
     return bool(changed)
-
-
-def set_aside(cell_dir: Path, why: str) -> Path:
-    """Rename a cell's folder to `<name>.<why>-<k>` beside it, the first k not taken (nothing is deleted)."""
-    k = 1
-    while (aside := cell_dir.with_name(f"{cell_dir.name}.{why}-{k}")).exists():
-        k += 1
-    cell_dir.rename(aside)
-    return aside
 
 
 def read_result(cell_dir: Path) -> dict[str, Any] | None:

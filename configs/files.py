@@ -59,11 +59,12 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 
 def keep_aside(path: str | Path, why: str = "damaged") -> Path:
-    """Rename a file (damaged, or superseded) to `<stem>.<why>-<k><suffix>` beside it, the first k not taken (an
-    earlier copy is never replaced), and return the new path."""
+    """Rename a file (damaged, or superseded) to `<stem>.<why>-<k><suffix>` beside it, or a folder to
+    `<name>.<why>-<k>`, the first k not taken (an earlier copy is never replaced), and return the new path."""
     path = Path(path)
+    stem, suffix = (path.name, "") if path.is_dir() else (path.stem, path.suffix)
     k = 1
-    while (aside := path.with_name(f"{path.stem}.{why}-{k}{path.suffix}")).exists():
+    while (aside := path.with_name(f"{stem}.{why}-{k}{suffix}")).exists():
         k += 1
     path.rename(aside)
     return aside
