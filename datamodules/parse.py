@@ -75,6 +75,15 @@ class CacheWarning(UserWarning):
     """Lines of the parse cache that were ignored (the captions are parsed again)."""
 
 
+class AgentLabelWarning(UserWarning):
+    """A CoNLL-U file judged to come from a parser without `obl:agent` on few passive "by" phrases."""
+
+
+# how a CoNLL-U file's agent label is judged (part of its parses' cache version); 2: reduced relatives count
+EVIDENCE_VERSION = 2
+AGENT_EVIDENCE = 3  # passive "by" phrases labelled plain `obl` (and no `obl:agent`) that judge a file without a warning
+
+
 class Backend(Protocol):
     """A parser: `version()` names it for the cache; `parse(texts)` gives one stanza Sentence or Document per text."""
 
@@ -184,15 +193,16 @@ class ConlluOnly:
 class ConlluFiles:
     """Pre-parsed captions from CoNLL-U files, matched by their `# text = ` comment (the first parse of a text wins)."""
 
-    def __init__(self, paths: Sequence[str]) -> None:
+    def __init__(self, paths: Sequence[str], agent_label: bool | None = None) -> None:
         self.paths = [Path(p) for p in paths]
+        self.agent_label = agent_label  # set: every file's answer, and the files are not asked
         self._sentences: dict[str, tuple[Any, str, bool]] | None = None
         h = hashlib.sha256()
         for p in self.paths:
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: CoNLL-U file not found (ParserConfig.conllu)")
             h.update(p.read_bytes())
-        self.version = f"r{RULES_VERSION}-conllu-{h.hexdigest()[:12]}"
+        self.version = f"r{RULES_VERSION}-conllu{EVIDENCE_VERSION}-{h.hexdigest()[:12]}"
 
     def sentences(self) -> dict[str, tuple[Any, str, bool]]:
         """text -> (stanza Sentence, where it is, whether its file's parser labels agents), reading the files on
@@ -206,7 +216,7 @@ class ConlluFiles:
                     doc = CoNLL.conll2doc(input_file=str(p))
                 except Exception as e:  # stanza raises its own CoNLLError, ValueError, IndexError on bad lines
                     raise ValueError(f"{p}: not valid CoNLL-U: {e.__cause__ or e}") from None
-                agents = labels_agents(doc.sentences)
+                agents = labels_agents(doc.sentences, str(p)) if self.agent_label is None else self.agent_label
                 for k, s in enumerate(doc.sentences, start=1):
                     if not s.text:
                         raise ValueError(f"{p}: sentence {k} has no '# text = ' comment, so no caption matches it")
@@ -214,11 +224,15 @@ class ConlluFiles:
         return self._sentences
 
 
-def labels_agents(sentences: Sequence[Any]) -> bool:
-    """Whether the parser of one CoNLL-U file labels passive agents `obl:agent`, from the file itself: False only
-    on evidence that it does not (a passive clause's "by" phrase labelled plain `obl`, and no `obl:agent` in the
-    file); a file with neither says nothing, and is read as a current parser's (True)."""
-    old_style = False
+def labels_agents(sentences: Sequence[Any], where: str = "a CoNLL-U file") -> bool:
+    """Whether the parser of one CoNLL-U file labels passive agents `obl:agent`, from the file itself. Any
+    `obl:agent` says it does. A passive verb's "by" phrase labelled plain `obl` (a passive clause's, "was hit by",
+    or a reduced relative's, "a kite flown by a boy") says it does not, unless the file has an `obl:agent`: a
+    current parser labels most such phrases `obl:agent` and leaves `obl` only to the rarer place ("parked by a
+    tree"). Fewer than AGENT_EVIDENCE of them is thin evidence, and a warning asks for `parser.agent_label`. A
+    file with neither holds no passive "by" phrase, where the answer changes nothing; it is read as a current
+    parser's (True)."""
+    plain = 0
     for s in sentences:
         words = s.words
         for w in words:
@@ -226,8 +240,15 @@ def labels_agents(sentences: Sequence[Any]) -> bool:
                 return True
             if w.deprel == "obl" and w.head and any(c.head == w.id and c.deprel == "case" and c.text.lower() == "by"
                                                     for c in words):
-                old_style |= any(c.head == w.head and c.deprel in ("aux:pass", "nsubj:pass") for c in words)
-    return not old_style
+                verb = words[w.head - 1]
+                plain += ((verb.deprel == "acl" and verb.xpos == "VBN")  # a passive participle modifying a noun (R7)
+                          or any(c.head == w.head and c.deprel in ("aux:pass", "nsubj:pass") for c in words))
+    if 0 < plain < AGENT_EVIDENCE:
+        warnings.warn(f"{where}: read as from a parser that labels passive agents plain `obl` (UD English before "
+                      f"EWT 2.13) on {plain} passive \"by\" phrase(s) and no `obl:agent`; a current parser labels "
+                      "a place that way too (\"parked by a tree\"). Set parser.agent_label (true: `obl:agent` "
+                      "marks agents) to be sure", AgentLabelWarning, stacklevel=2)
+    return plain == 0
 
 
 class ParseCache:
@@ -298,7 +319,7 @@ class CaptionParser:
     def __init__(self, cfg: ParserConfig) -> None:
         self.cfg = cfg
         self.backend = BACKENDS.get(cfg.backend)(cfg)
-        self.files = ConlluFiles(cfg.conllu) if cfg.conllu else None
+        self.files = ConlluFiles(cfg.conllu, cfg.agent_label) if cfg.conllu else None
         self.cache = ParseCache(Path(cfg.cache_dir))
         self.counts = {"cached": 0, "conllu": 0, "parsed": 0}  # where the captions of parse() calls came from
 
@@ -340,7 +361,6 @@ class CaptionParser:
                 new = []
                 for t in (t for t in todo if t in sentences):
                     sentence, where, agents = sentences[t]
-                    agents = agents if self.cfg.agent_label is None else self.cfg.agent_label
                     try:
                         new.append(graph_from_sentence(sentence, text=t, agent_label=agents))
                     except ValueError as e:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from datamodules import parse_rules
-from datamodules.parse import (CacheWarning, CaptionNotParsed, CaptionParser, ParsedCaption, ParserConfig,
-                               ParserModelMissing, graph_from_sentence, main)
+from datamodules.parse import (AgentLabelWarning, CacheWarning, CaptionNotParsed, CaptionParser, ParsedCaption,
+                               ParserConfig, ParserModelMissing, graph_from_sentence, labels_agents, main)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "captions.conllu"
 META = re.compile(r"^# (text|rules|objects|relations|agent_label) = (.*)$")
@@ -268,8 +268,9 @@ def test_a_plain_obl_by_is_the_agent_only_for_a_parser_without_the_agent_label(s
 
 
 def test_the_agent_label_is_asked_of_the_parser_unless_configured(tmp_path, sentences):
-    """Each CoNLL-U file answers for itself: its parser does not label agents only if a passive clause's "by"
-    phrase is plain obl and nothing is obl:agent; a file without a passive "by" says nothing (a current parser)."""
+    """Each CoNLL-U file answers for itself: its parser does not label agents only if a passive verb's "by" phrase
+    (a passive clause's or a reduced relative's) is plain obl and nothing is obl:agent, with a warning below
+    AGENT_EVIDENCE such phrases; a file without a passive "by" says nothing (a current parser)."""
     kite = "A kite flown by a young boy."
 
     def subset(name, *texts):
@@ -279,19 +280,33 @@ def test_the_agent_label_is_asked_of_the_parser_unless_configured(tmp_path, sent
         return path
 
     old_style = subset("old.conllu", kite, "The ball was hit by a player.")  # "hit by": nsubj:pass and plain obl
-    silent = subset("silent.conllu", kite, "A bike parked by a tree.")  # no passive clause: no evidence
+    reduced = subset("reduced.conllu", kite)  # a reduced relative's plain obl "by" alone
 
     def relations(conllu, cache, **kw):
         cfg = ParserConfig(backend="conllu", conllu=[str(c) for c in conllu], cache_dir=str(tmp_path / cache), **kw)
         return render(CaptionParser(cfg).parse([kite])[0])[1]
 
-    assert relations([old_style], "a") == "boy|fly|kite"
-    assert relations([silent], "s") == "kite|fly by|boy"
-    assert relations([FIXTURE], "b") == "kite|fly by|boy"  # the fixture's other sentences use obl:agent
+    with pytest.warns(AgentLabelWarning, match=r"old.conllu: .* on 2 passive \"by\" phrase\(s\)"):
+        assert relations([old_style], "a") == "boy|fly|kite"
+    with pytest.warns(AgentLabelWarning, match=r"reduced.conllu: .* on 1 passive"):
+        assert relations([reduced], "r") == "boy|fly|kite"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AgentLabelWarning)  # an explicit setting asks nothing of the file
+        assert relations([reduced], "e", agent_label=True) == "kite|fly by|boy"
+        assert relations([FIXTURE], "b") == "kite|fly by|boy"  # the fixture's other sentences use obl:agent
     assert relations([FIXTURE], "b", agent_label=False) == "boy|fly|kite"  # a setting of its own in the cache
     assert relations([FIXTURE], "b") == "kite|fly by|boy"
     assert relations([old_style], "a", agent_label=True) == "kite|fly by|boy"
-    assert relations([old_style, FIXTURE], "m") == "boy|fly|kite"  # the first file holding the caption, read its way
+    with pytest.warns(AgentLabelWarning):
+        assert relations([old_style, FIXTURE], "m") == "boy|fly|kite"  # the first file holding the caption
+    # the judgement itself: three plain "by" phrases judge a file without a warning; one obl:agent overrides them;
+    # a file without a passive "by" holds no evidence
+    plain = [sentences[t] for t in (kite, "The ball was hit by a player.", "A bike parked by a tree.")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AgentLabelWarning)
+        assert labels_agents(plain) is False
+        assert labels_agents(plain + [sentences["A horse is ridden by a man."]]) is True
+        assert labels_agents([s for t, s in sentences.items() if "by" not in t.split()]) is True
     for agents, expected in ((False, "boy|fly|kite"), (True, "kite|fly by|boy")):
         parser, backend = parser_with(tmp_path / f"fake{agents}", sentences)
         backend.agents = agents
