@@ -38,7 +38,7 @@ from configs.files import keep_aside, new_folder, write_atomic
 from benchmarks.report import curves_chart, format_table, labelled_notes, latex_table, _chart
 from benchmarks.run import bench_run, device_for, merge_families
 from methods import METHODS
-from methods.train import compose_train, config_differences, process_rank, saved_config, train
+from methods.train import NOT_THE_RUN, compose_train, config_differences, process_rank, saved_config, train
 
 
 @dataclass
@@ -96,12 +96,6 @@ def cell_run_args(cell_dir: Path) -> list[str]:
 def finished_run(cell_dir: Path) -> Path | None:
     done = sorted(cell_dir.glob("run/done.json")) or sorted(cell_dir.glob("runs/*/*/done.json"))  # (older layout)
     return done[-1].parent if done else None
-
-
-# where a run is written and how often it reports, not what it computes: a sweep folder moved or named by another
-# path (runs_dir is one of a cell's overrides), or a changed default of these, does not make a cell another run
-NOT_THE_RUN = ("runs_dir", "run_dir", "run_name", "cache_dir", "data.num_workers", "data.options.cache_dir",
-               "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps")
 
 
 def config_changes(cell_dir: Path, overrides: list[str]) -> list[str]:
@@ -273,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     flags = [a for a in argv if a.startswith("--")]
     args = [a for a in argv if not a.startswith("--")]
-    if not args:
+    unknown = [f for f in flags if f != "--print-commands" and not re.fullmatch(r"--max-cells=\d+", f)]
+    if not args or unknown:
+        if unknown:
+            print(f"error: unknown option {', '.join(unknown)}; the options are --print-commands and --max-cells=N",
+                  file=sys.stderr)
         print("usage: python -m benchmarks.sweep SWEEP_FILE [seeds=[0,1]] [key=value ...] [--print-commands] "
               "[--max-cells=N]", file=sys.stderr)
         return 2

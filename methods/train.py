@@ -176,6 +176,13 @@ def mark_done(run_dir: Path, trainer: L.Trainer) -> None:
                                                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
 
 
+# where a run is written, how its data reach the step and how often it reports, not what it computes: a run
+# continued, or a sweep cell judged, with another value of these is the same run (a sweep folder moved, more workers)
+NOT_THE_RUN = ("runs_dir", "run_dir", "run_name", "cache_dir", "data.num_workers", "data.pin_memory",
+               "data.prefetch_factor", "data.image_cache", "data.options.cache_dir", "data.options.parser.cache_dir",
+               "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps")
+
+
 def config_differences(a: DictConfig, b: DictConfig) -> list[str]:
     """'key: a -> b' for every leaf that differs (run_dir aside), for a refusal that says what changed."""
     def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -192,8 +199,8 @@ def open_run(cfg: DictConfig) -> tuple[Path, Path | None]:
     """The run folder for `cfg` and the checkpoint to continue from (None: start at step 0).
 
     Without run_dir, a new timestamped folder. With run_dir: created if it does not exist; an unfinished run
-    there with the same config is continued from its furthest checkpoint; a finished run, a different config
-    or a folder that is not a run is refused, so nothing written before is ever overwritten."""
+    there with the same config (NOT_THE_RUN aside) is continued from its furthest checkpoint; a finished run, a
+    different config or a folder that is not a run is refused, so nothing written before is ever overwritten."""
     configs.validate(cfg)
     if cfg.run_dir is None:
         return new_run_dir(cfg), None
@@ -205,11 +212,13 @@ def open_run(cfg: DictConfig) -> tuple[Path, Path | None]:
         raise FileExistsError(f"{run_dir}: exists and is not a run folder (no config.yaml); choose another run_dir")
     if (run_dir / "done.json").is_file():
         raise FileExistsError(f"{run_dir}: the run finished (done.json); a new run needs a new run_dir")
-    saved = saved_config(run_dir)
-    changed = config_differences(saved, cfg)
-    if changed:
+    changed = config_differences(saved_config(run_dir), cfg)
+    if [c for c in changed if c.split(":", 1)[0] not in NOT_THE_RUN]:
         raise configs.ConfigError(f"{run_dir} holds an unfinished run with another config ({'; '.join(changed)}); "
                                   f"continue it with resume={run_dir}, or choose a new run_dir")
+    if changed:
+        print(f"{run_dir}: continued with {'; '.join(changed)} (where it writes, reads or reports; its config.yaml "
+              "keeps the values it started with)", file=sys.stderr)
     return run_dir, resume_checkpoint(run_dir)
 
 

@@ -175,6 +175,12 @@ def test_a_finished_run_is_not_continued_and_a_changed_config_is_refused(tmp_pat
     configs.save(cfg, run / "config.yaml")  # an unfinished run that saved no checkpoint yet
     assert train_main([f"run_dir={run}", *TINY_ARGS, "optim.lr=0.5", f"runs_dir={cfg.runs_dir}"]) == 2
     assert "another config (optim.lr: 0.001 -> 0.5)" in capsys.readouterr().err
+    # where it writes and how often it reports are not the run: continued (a sweep folder moved, another log rate)
+    assert train_main([f"run_dir={run}", *TINY_ARGS, "trainer.log_every_n_steps=2", "runs_dir=/elsewhere"]) == 0
+    err = capsys.readouterr().err
+    assert "continued with runs_dir: " in err and "trainer.log_every_n_steps: 1 -> 2" in err
+    assert (run / "done.json").is_file()
+    assert configs.load_yaml(run / "config.yaml").trainer.log_every_n_steps == cfg.trainer.log_every_n_steps
     (run / "done.json").write_text("{}")
     assert train_main([f"run_dir={run}", *TINY_ARGS, f"runs_dir={cfg.runs_dir}"]) == 2
     assert "the run finished" in capsys.readouterr().err

@@ -10,7 +10,9 @@ import time
 
 import yaml
 
-from benchmarks.sweep import main as sweep_main
+import configs
+from benchmarks.sweep import cell_run_args, cells as sweep_cells, load_spec, main as sweep_main
+from methods.train import compose_train
 from methods import METHODS
 from tests_support import TINY_ARGS
 
@@ -38,11 +40,23 @@ def test_killed_sweep_skips_finished_cells(tmp_path, capsys):
     cells = [done[0].parent]
     first = (cells[0] / "result.json").stat().st_mtime_ns
     trained = (cells[0] / "run" / "done.json").stat().st_mtime_ns
+    # an unfinished cell whose run was written with another runs_dir and worker count (a sweep folder moved, or a
+    # default of these changed) is the same run: continued, not refused
+    root = tmp_path / "sw" / "lr" / "cells"
+    name, _, overrides = next(c for c in sweep_cells(load_spec(sweep, []))
+                              if not (root / c[0] / "result.json").exists())
+    moved = compose_train(overrides + cell_run_args(root / name))
+    moved.runs_dir, moved.data.num_workers = "/somewhere/else/runs", 3
+    (root / name / "run").mkdir(parents=True, exist_ok=True)
+    configs.save(moved, root / name / "run" / "config.yaml")
     capsys.readouterr()
 
     assert sweep_main([sweep]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert out.count("done before, skipped") == 1 and out.count(": running") == 3  # a half-done cell is continued
+    assert "continued with data.num_workers: 3 -> " in captured.err and "other-config" not in captured.err
+    assert (root / name / "result.json").is_file()
     assert (cells[0] / "result.json").stat().st_mtime_ns == first
     assert (cells[0] / "run" / "done.json").stat().st_mtime_ns == trained  # its run was not trained again
     (report,) = (tmp_path / "sw" / "lr").glob("report-*")
@@ -118,6 +132,9 @@ def test_compare_has_a_row_per_method_baseline_first(tmp_path, capsys):
 def test_print_commands_lists_one_job_per_unfinished_cell(tmp_path, capsys):
     sweep = write_sweep(tmp_path / "p.yaml", name="p", base=["method=structureclip"],
                         grid={"method.negative_kinds": ["[relation]", "[]"]}, seeds=[0, 1], out_dir=str(tmp_path))
+    assert sweep_main([sweep, "--print-command"]) == 2  # a mistyped option is refused, never run as a sweep
+    assert "unknown option --print-command; the options are --print-commands and" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
     assert sweep_main([sweep, "--print-commands"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("python -m methods.train method=structureclip") for line in lines)
