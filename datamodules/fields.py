@@ -5,8 +5,8 @@ value (a tensor is stacked in the batch, anything else listed) or a dict of seve
 """
 from __future__ import annotations
 
+import hashlib
 import random
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -101,14 +101,16 @@ def granular_text_field(sample: Sample, caption_index: int, ctx: FieldContext) -
     text = ctx.rng.choice(choices)
     # caption_key: the same caption drawn for two images of a batch is a true match of both (partial captions
     # repeat: about 40% of a shapes-world batch of 128 has a twin), which the loss can leave out of its negatives
-    return {"text": ctx.tokenize([text])[0], "caption": text,
-            "caption_key": torch.tensor(phrase_key(text), dtype=torch.long)}
+    tokens = ctx.tokenize([text])[0]
+    return {"text": tokens, "caption": text, "caption_key": torch.tensor(token_key(tokens), dtype=torch.long)}
 
 @FIELDS.register("caption_key")
 def caption_key_field(sample: Sample, caption_index: int, ctx: FieldContext) -> dict[str, torch.Tensor]:
-    """A stable id of the drawn caption (`phrase_key`): two images of a batch drawn with one caption are true
-    matches of each other (SmartCLIP's `exclude_duplicates` on the data's own captions)."""
-    return {"caption_key": torch.tensor(phrase_key(sample.captions[caption_index]), dtype=torch.long)}
+    """A stable id of the drawn caption's tokens (`token_key`): two images of a batch drawn with one caption (as the
+    text tower reads it) are true matches of each other (SmartCLIP's `exclude_duplicates` on the data's own
+    captions). The tokenizer caches, so the `text` field's tokens are not made twice."""
+    tokens = ctx.tokenize([sample.captions[caption_index]])[0]
+    return {"caption_key": torch.tensor(token_key(tokens), dtype=torch.long)}
 
 
 @FIELDS.register("caption_graph")
@@ -119,8 +121,18 @@ def caption_graph_field(sample: Sample, caption_index: int, ctx: FieldContext) -
 
 
 def phrase_key(text: str) -> int:
-    """A stable id of a phrase, the same in every process (Python's str hash is salted per process)."""
-    return zlib.crc32(text.encode())
+    """A stable 63-bit id of a phrase, the same in every process (Python's str hash is salted per process); 63
+    bits, so that two phrases of a global batch never share one by chance (a 32-bit crc would, now and then)."""
+    return stable_key(text.encode())
+
+
+def token_key(tokens: torch.Tensor) -> int:
+    """A stable id of a tokenized text: two texts the tokenizer reads as one ("A dog." and "a  dog.") share it."""
+    return stable_key(tokens.to(torch.int64).numpy().tobytes())
+
+
+def stable_key(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1  # >= 0: -1 pads
 
 
 def crop_box(box: Box, size: tuple[int, int]) -> tuple[float, float, float, float] | None:

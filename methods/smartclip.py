@@ -124,8 +124,11 @@ class SmartCLIP(ContrastiveMethod):
 
     def same_captions(self, batch: dict[str, Any]) -> Tensor | None:
         """(B, W*B): True where column j's caption is row i's (its own column included), or None when off."""
-        if not self.mcfg.exclude_duplicates or "caption_key" not in batch:
+        if not self.mcfg.exclude_duplicates:
             return None
+        if "caption_key" not in batch:  # the fields ask for it; a batch made some other way must bring it too
+            raise KeyError(f"method.exclude_duplicates: the batch has no caption_key (fields: {', '.join(batch)}); "
+                           "build it with the method's fields, or set method.exclude_duplicates=false")
         key = batch["caption_key"]
         return key[:, None] == self.gather(key)[None, :]
 

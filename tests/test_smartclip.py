@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from datamodules.datamodule import collate
-from datamodules.fields import FieldContext, granular_text_field, phrase_key
+from datamodules.fields import FieldContext, granular_text_field, token_key
 from datamodules.source import Sample
 from methods.base import lr_lambda
 from methods.losses import contrastive_loss, masked_logits, smart_alignment_losses
@@ -120,7 +120,9 @@ def test_a_caption_drawn_twice_is_a_negative_of_neither():
 
 def test_the_method_leaves_out_duplicate_captions_unless_told(make_cfg):
     module, ds, batch = smart(make_cfg)
-    assert batch["caption_key"].tolist() == [phrase_key(c) for c in batch["caption"]]
+    assert batch["caption_key"].tolist() == [token_key(t) for t in module.tokenizer(batch["caption"])]
+    a, b, c = module.tokenizer(["A red circle.", "a  red circle.", "a red square."])
+    assert token_key(a) == token_key(b) != token_key(c)  # one caption as the text tower reads it, one key
     batch["caption_key"][3] = batch["caption_key"][0]  # items 0 and 3 drew one caption
     same = module.same_captions(batch)
     assert same[0, 3] and same[3, 0] and same.diagonal().all()
@@ -132,7 +134,7 @@ def test_the_method_leaves_out_duplicate_captions_unless_told(make_cfg):
     released, _, _ = smart(make_cfg, "method.exclude_duplicates=false")
     assert released.same_captions(batch) is None
     own, _, own_batch = smart(make_cfg, "method.granularity=false")  # the data's own captions have keys too
-    assert own_batch["caption_key"].tolist() == [phrase_key(c) for c in own_batch["caption"]]
+    assert own_batch["caption_key"].tolist() == [token_key(t) for t in own.tokenizer(own_batch["caption"])]
     assert own.same_captions(own_batch) is not None
     plain, _, _ = smart(make_cfg, "method.masked=false")
     pf = plain.encode(batch)
