@@ -188,6 +188,22 @@ class CaptionDataModule(L.LightningDataModule):
         self.train_loader: ResumableLoader | None = None
         self.resume_from: dict[str, int] | None = None  # the train loader's state in a checkpoint, used once
 
+    def check(self) -> None:
+        """What can be known of the data before a run folder is made: the source's annotation files are there (a
+        record source's `inputs`, when not read from the hub) and its options hold (a source that is `made_cheaply`
+        is made for `train`, which checks them). Raises ConfigError naming the file or the option."""
+        from configs import ConfigError
+
+        source, opts = SOURCES.get(self.cfg.source), source_options(self.cfg)
+        try:
+            if hasattr(source, "inputs"):
+                if not getattr(opts, "hf_id", None):
+                    source.inputs(opts)
+            elif getattr(source, "made_cheaply", False):
+                source(opts, "train")
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data ({self.cfg.source}): {e.args[0] if e.args else e}") from None
+
     def dataset(self, split: str) -> CaptionDataset:
         if split not in self.datasets:
             train = split == "train"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -127,6 +128,8 @@ def draw(canvas: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float
 @SOURCES.register("shapes")
 class ShapesWorld:
     """One split of the shapes world: `world[i]` is a `Sample` with exact graph, boxes and true captions."""
+
+    made_cheaply: ClassVar[bool] = True  # scenes are drawn on demand: making one checks the options, nothing more
 
     @dataclass
     class Config:

@@ -332,6 +332,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None =
         configs.validate(cfg)  # before anything is built or written
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, dm = build(cfg)  # before the folder is made: a config that cannot build leaves nothing behind
+    dm.check()  # the data files are there and the source's options hold
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise configs.ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA device is visible "
+                                  "here; train on the CPU with the default trainer (or trainer=cpu)")
     scratch = run_dir is None and cfg.run_dir is None and process_rank() > 0
     if scratch:
         # another rank of a multi-process run: rank 0 makes the run folder and writes every file of it (the

@@ -116,3 +116,24 @@ def test_a_missing_data_file_is_named_before_anything_runs(tmp_path, capsys):
     assert f"data.options.train_file='{tmp_path / 'nope.csv'}': file not found" in err
     assert "data.options.val_file=" in err and "data.options.image_root" not in err  # the folder is there
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["data=coco"], "data (coco_karpathy): {root}/dataset_coco.json: file not found (set data.options.annotations, or "
+                    "data.options.root)"),
+    (["data=coco2017"], "data (coco2017): {root}/annotations/captions_train2017.json: file not found"),
+    (["data=vg"], "data (visual_genome): {root}/image_data.json: file not found (set data.options.image_data"),
+    (["data.options.num_objects=7"], "data (shapes): shapes world: num_objects must be 2..4, got 7"),
+    (["trainer=gpu"], "trainer.accelerator=gpu but no CUDA device is visible here"),
+])
+def test_data_files_source_options_and_the_device_are_checked_before_a_run_folder(tmp_path, capsys, monkeypatch,
+                                                                                   argv, expected):
+    """What the data module or the trainer would only find once fitting began is named before a folder is made."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    root = tmp_path / "nothing-here"
+    assert main([*argv, f"data.options.root={root}" if "data=" in argv[0] else "seed=0", "model=tiny",
+                 f"runs_dir={tmp_path / 'runs'}"]) == 2
+    assert expected.format(root=root) in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
