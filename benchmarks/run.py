@@ -38,6 +38,15 @@ def finished_at(run: Path) -> str | None:
         return None
 
 
+def method_of(run: Path) -> str:
+    """The method a run trained (its config.yaml), or its parent folder's name where that cannot be read (the
+    run is then named with what is wrong when it is loaded)."""
+    try:
+        return str(configs.load_yaml(run / "config.yaml").method.name)
+    except (configs.ConfigError, OSError, AttributeError, KeyError):  # damaged or foreign: load_run says what
+        return run.parent.name
+
+
 def find_runs(cfg: DictConfig) -> list[Path]:
     """The runs named in cfg.runs, or of each method the run that finished last (done.json; a run still training
     or stopped is never picked for you, and a run_dir of any name competes on its finish time)."""
@@ -48,9 +57,14 @@ def find_runs(cfg: DictConfig) -> list[Path]:
                 raise FileNotFoundError(f"{r}: not a run folder (no config.yaml)")
         return runs
     root = Path(cfg.runs_dir)
+    # runs/<method>/<time>/ as make train names them, and a run_dir of any name one or two folders down
+    candidates = [r for r in sorted({*root.glob("*"), *root.glob("*/*")})
+                  if (r / "checkpoints" / f"{cfg.ckpt}.ckpt").is_file()]
+    by_method: dict[str, dict[Path, str | None]] = {}
+    for r in candidates:
+        by_method.setdefault(method_of(r), {})[r] = finished_at(r)
     found, unfinished = [], []
-    for method_dir in sorted(p for p in root.glob("*") if p.is_dir()):
-        runs = {r: finished_at(r) for r in method_dir.iterdir() if (r / "checkpoints" / f"{cfg.ckpt}.ckpt").is_file()}
+    for runs in by_method.values():
         done = sorted((at, r.name, r) for r, at in runs.items() if at is not None)
         unfinished += [r for r, at in runs.items() if at is None]
         if done:

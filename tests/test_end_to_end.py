@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import open_clip
 import torch
@@ -82,6 +83,13 @@ def test_bench_finds_the_latest_run_of_each_method(make_cfg, tmp_path, capsys):
     assert bench_main([f"runs_dir={cfg.runs_dir}", f"out_dir={tmp_path / 'r'}", "bench.benchmarks=[syn_relation]"]) == 0
     out = capsys.readouterr().out
     assert str(latest) in out and out.count("| clip |") == 1
+    # a run_dir straight under runs_dir (make train ARGS="run_dir=runs/exp1"), finished last: it is the one
+    top = Path(cfg.runs_dir) / "exp1"
+    shutil.copytree(latest, top)
+    (top / "done.json").write_text(json.dumps(done | {"finished": "9999-01-01 00:00:00"}))
+    assert bench_main([f"runs_dir={cfg.runs_dir}", f"out_dir={tmp_path / 'r3'}", "bench.benchmarks=[syn_relation]"]) == 0
+    out = capsys.readouterr().out
+    assert str(top) in out and out.count("| clip |") == 1
     # named, an unfinished run is evaluated, and the report says it had not finished
     assert bench_main([f"runs=[{stopped}]", f"out_dir={tmp_path / 'r2'}", "bench.benchmarks=[syn_relation]"]) == 0
     (report,) = (tmp_path / "r2").iterdir()
