@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(argv)
         rows = plan(spec)
+        accelerator = configs.load_group("trainer", spec.trainer).get("accelerator")
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise configs.ConfigError(f"trainer={spec.trainer} (the perf file's) needs a GPU and no CUDA device is "
+                                      "visible here; on a CPU: perf=cpu (make perf PERF=cpu)")
     except (configs.ConfigError, KeyError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

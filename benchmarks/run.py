@@ -72,7 +72,9 @@ def find_runs(cfg: DictConfig) -> list[Path]:
     if not found:
         more = (f" ({len(unfinished)} unfinished, e.g. {sorted(unfinished)[-1]}: continue it with make train "
                 f"RESUME=..., or name it with RUNS=... to evaluate its checkpoint as it is)") if unfinished else ""
-        raise FileNotFoundError(f"no finished run with a '{cfg.ckpt}' checkpoint under {root}/{more}; "
+        names = sorted({c.stem for c in [*root.glob("*/checkpoints/*.ckpt"), *root.glob("*/*/checkpoints/*.ckpt")]})
+        there = f"; the runs there have the checkpoints {', '.join(names)} (ckpt=...)" if names else ""
+        raise FileNotFoundError(f"no finished run with a '{cfg.ckpt}' checkpoint under {root}/{more}{there}; "
                                 f"train one first (make train)")
     return found
 
@@ -82,7 +84,8 @@ def load_run(run: Path, ckpt: str, device: torch.device):
     run_cfg = saved_config(run)  # named if damaged; keys added since the run take their defaults
     path = run / "checkpoints" / f"{ckpt}.ckpt"
     if not path.is_file():
-        raise FileNotFoundError(f"{run}: no checkpoint {path.name}")
+        names = ", ".join(sorted(c.stem for c in (run / "checkpoints").glob("*.ckpt"))) or "none"
+        raise FileNotFoundError(f"{run}: no checkpoint {path.name} (its checkpoints: {names}; ckpt=...)")
     plain = configs.to_plain(run_cfg)
     # the checkpoint has every weight: the starting ones are never read or fetched, but what they shaped (a
     # local-dir folder's architecture and activation, a tag's preprocessing) is built as in training
@@ -231,8 +234,12 @@ def write_details(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in configs.HELP for a in argv):
+        print(configs.usage("bench", "python -m benchmarks.run", "bench.benchmarks=[syn_relation] bench.batch_size=64"))
+        return 0
     try:
-        cfg = configs.compose("bench", sys.argv[1:] if argv is None else argv, schemas=SCHEMAS)
+        cfg = configs.compose("bench", argv, schemas=SCHEMAS)
         configs.validate(cfg)
         rows, families, notes, out = evaluate(cfg)
     except (configs.ConfigError, KeyError, FileNotFoundError, ValueError, ImportError) as e:

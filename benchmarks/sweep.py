@@ -38,7 +38,8 @@ from configs.files import keep_aside, new_folder, write_atomic
 from benchmarks.report import curves_chart, format_table, labelled_notes, latex_table, _chart
 from benchmarks.run import bench_run, device_for, merge_families
 from methods import METHODS
-from methods.train import NOT_THE_RUN, compose_train, config_differences, process_rank, saved_config, train
+from methods.train import (NOT_THE_RUN, compose_train, config_differences, cpu_kernels, portable_cpu_env,
+                           process_rank, saved_config, train)
 
 
 @dataclass
@@ -263,6 +264,14 @@ def report(spec: SweepSpec, results: list[tuple[dict[str, Any], dict[str, Any]]]
     return out
 
 
+def job_prefix() -> list[str]:
+    """How a printed cell job starts: the Python this sweep runs on (its packages), after the kernel settings of
+    configs/portable_cpu.env where this sweep runs with them (make CPU_KERNELS=portable), so each job trains as the
+    sweep itself would."""
+    env = [f"{k}={v}" for k, v in portable_cpu_env().items()] if cpu_kernels() == "portable" else []
+    return (["env", *env] if env else []) + [shlex.quote(sys.executable)]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     flags = [a for a in argv if a.startswith("--")]
@@ -279,8 +288,13 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args[0], args[1:])
         bench_cfg = configs.compose("bench", [f"bench={spec.bench}"])
         todo = cells(spec)
-        for _, _, overrides in todo:
-            configs.validate(compose_train(overrides))  # every cell's config is valid before anything runs
+        for name, _, overrides in todo:  # every cell's config is valid before anything runs
+            try:
+                configs.validate(compose_train(overrides))
+            except (configs.ConfigError, KeyError) as e:
+                message = str(e.args[0] if e.args else e).removeprefix("command line: ")
+                raise configs.ConfigError(f"{args[0]}, cell {name} (its base, grid and the command line's "
+                                          f"overrides): {message}") from None
     except (configs.ConfigError, KeyError, FileNotFoundError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
@@ -288,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--print-commands" in flags:  # one cluster job per cell; run the sweep again afterwards to report
         for name, _, overrides in todo:
             if settle(name, root / name, overrides) or not (root / name / "result.json").is_file():
-                print(" ".join(["python -m methods.train", *map(shlex.quote, overrides + cell_run_args(root / name))]))
+                print(" ".join([*job_prefix(), "-m methods.train",
+                                *map(shlex.quote, overrides + cell_run_args(root / name))]))
         return 0
     max_cells = next((int(f.split("=", 1)[1]) for f in flags if f.startswith("--max-cells=")), None)
     results, ran = [], 0

@@ -104,6 +104,24 @@ def compose(root: str, argv: list[str] | tuple[str, ...] = (), schemas: Mapping[
     return cfg
 
 
+HELP = ("-h", "--help", "help")
+
+
+def usage(root: str, command: str, example: str, more: str = "") -> str:
+    """What `command` takes: its config groups with their files (the default marked) and its top-level keys."""
+    base = OmegaConf.load(CONFIG_DIR / f"{root}.yaml")
+    defaults = dict(base.pop("defaults", {}))
+    lines = [f"usage: {command} [group=name ...] [key=value ...]{more}", "",
+             f"groups (configs/<group>/<name>.yaml; * the default of configs/{root}.yaml):"]
+    for group, default in defaults.items():
+        names = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        lines.append(f"  {group}: " + ", ".join(n + ("*" if n == default else "") for n in names))
+    keys = [str(k) for k in compose(root).keys() if k not in defaults]
+    lines += ["", f"keys: {', '.join(keys)}; a group's keys as dotted paths ({example}); an unknown key is refused "
+              "with the valid ones at its level"]
+    return "\n".join(lines)
+
+
 def save(cfg: DictConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
     from configs.files import write_atomic

@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 import uuid
 import warnings
@@ -404,14 +405,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--agent-label", choices=["auto", "yes", "no"], default="auto",
                     help="does the parser label passive agents obl:agent (rule R7)? auto: ask it")
     args = ap.parse_args(argv)
-    texts = [line.strip() for line in Path(args.captions).read_text(encoding="utf-8").splitlines() if line.strip()]
-    parser = CaptionParser(ParserConfig(
-        backend=args.backend, model_dir=args.model_dir, conllu=list(args.conllu), use_gpu=False if args.cpu else None,
-        batch_size=args.batch_size, cache_dir=args.cache_dir,
-        agent_label={"auto": None, "yes": True, "no": False}[args.agent_label]))
-    start = time.perf_counter()
-    parsed = parser.parse(texts)
-    seconds = time.perf_counter() - start
+    try:
+        texts = [line.strip() for line in Path(args.captions).read_text(encoding="utf-8").splitlines() if line.strip()]
+        parser = CaptionParser(ParserConfig(
+            backend=args.backend, model_dir=args.model_dir, conllu=list(args.conllu),
+            use_gpu=False if args.cpu else None, batch_size=args.batch_size, cache_dir=args.cache_dir,
+            agent_label={"auto": None, "yes": True, "no": False}[args.agent_label]))
+        start = time.perf_counter()
+        parsed = parser.parse(texts)
+        seconds = time.perf_counter() - start
+    except (OSError, ValueError, KeyError, LookupError) as e:  # a missing model or file, a caption it cannot read
+        sys.exit(f"error: {e.args[0] if len(e.args) == 1 else e}")
     for p in parsed[: args.show]:
         print(f"{p.text}\n  objects: {[o.phrase() for o in p.graph.objects]}"
               f"\n  relations: {p.graph.relation_triples()}")

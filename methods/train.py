@@ -373,6 +373,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None =
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(a in configs.HELP for a in argv):
+        print(configs.usage("train", "python -m methods.train", "optim.lr=1e-3 data.batch_size=64",
+                                   " | resume=RUN_DIR (continue a stopped run)"))
+        return 0
     resume_from = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     try:
         if resume_from:

@@ -401,3 +401,12 @@ def test_command_prints_captions_per_second(tmp_path, capsys):
     second = capsys.readouterr().out
     assert f"0 from the cache, {len(CASES)} from CoNLL-U" in first and "captions/s" in first
     assert f"{len(CASES)} from the cache, 0 from CoNLL-U" in second
+
+
+def test_command_names_a_missing_model_or_file_in_one_line(tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("A dog on a bed.\n")
+    with pytest.raises(SystemExit, match=r"^error: Stanza English model not found: .*nostanza does not exist"):
+        main([str(captions), "--model-dir", str(tmp_path / "nostanza"), "--cache-dir", str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match=r"^error: .*No such file or directory: .*nothing.txt"):
+        main([str(tmp_path / "nothing.txt"), "--backend", "conllu"])

@@ -124,6 +124,15 @@ def test_auto_picks_the_cpu_file_without_a_gpu_and_says_so(capsys, monkeypatch):
     assert "no GPU: configs/perf/cpu.yaml" in capsys.readouterr().out
 
 
+def test_the_gpu_file_without_a_gpu_is_refused_before_any_row(tmp_path, capsys, monkeypatch):
+    import benchmarks.perf as perf
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert perf.main(["perf=gpu", f"out_dir={tmp_path}"]) == 2
+    assert "trainer=gpu (the perf file's) needs a GPU and no CUDA device is visible here" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_ratios_goals_and_table():
     rows = [
         {"kind": "openclip", "name": "oc", "mode": "eager", "samples_per_sec": 100.0, "step_time_s": 0.32},

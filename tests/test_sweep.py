@@ -12,7 +12,7 @@ import yaml
 
 import configs
 from benchmarks.sweep import cell_run_args, cells as sweep_cells, load_spec, main as sweep_main
-from methods.train import compose_train
+from methods.train import compose_train, portable_cpu_env
 from methods import METHODS
 from tests_support import TINY_ARGS
 
@@ -91,7 +91,7 @@ def test_killed_sweep_skips_finished_cells(tmp_path, capsys):
     assert sweep_main([sweep, "--print-commands"]) == 0  # its job is printed, the old run set aside
     captured = capsys.readouterr()
     assert "was made with another config (optim.weight_decay: 0.5 -> 0.1)" in captured.err
-    assert captured.out.count("python -m methods.train") == 1 and f"run_dir={cells[0] / 'run'}" in captured.out
+    assert captured.out.count(f"{sys.executable} -m methods.train") == 1 and f"run_dir={cells[0] / 'run'}" in captured.out
     aside = cells[0].with_name(cells[0].name + ".other-config-1")
     aside.rename(cells[0])  # back, for the sweep itself to find it
     assert sweep_main([sweep]) == 0
@@ -108,6 +108,7 @@ def test_compare_has_a_row_per_method_baseline_first(tmp_path, capsys):
     sweep = write_sweep(tmp_path / "c.yaml", name="compare", base=TINY_ARGS + [f"cache_dir={tmp_path / 'c'}"],
                         grid={"method": "all"}, seeds=[0], bench="syn", out_dir=str(tmp_path / "sw"))
     assert sweep_main([sweep, "method.kee_layers=1"]) == 2  # a key only one method has cannot be a base override
+    assert f"error: {sweep}, cell method=clip_seed=0-" in capsys.readouterr().err  # the file and the cell named
     assert sweep_main([sweep, "--max-cells=1"]) == 0 and len(list((tmp_path / "sw").glob("compare/cells/*"))) == 1
     assert sweep_main([sweep]) == 0
     out = capsys.readouterr().out
@@ -129,7 +130,10 @@ def test_compare_has_a_row_per_method_baseline_first(tmp_path, capsys):
     assert sum(n.startswith("- Syn-Relation: tie counts as wrong") for n in notes) == 1
 
 
-def test_print_commands_lists_one_job_per_unfinished_cell(tmp_path, capsys):
+def test_print_commands_lists_one_job_per_unfinished_cell(tmp_path, capsys, monkeypatch):
+    portable = portable_cpu_env()
+    for key in portable:
+        monkeypatch.delenv(key, raising=False)
     sweep = write_sweep(tmp_path / "p.yaml", name="p", base=["method=structureclip"],
                         grid={"method.negative_kinds": ["[relation]", "[]"]}, seeds=[0, 1], out_dir=str(tmp_path))
     assert sweep_main([sweep, "--print-command"]) == 2  # a mistyped option is refused, never run as a sweep
@@ -137,8 +141,14 @@ def test_print_commands_lists_one_job_per_unfinished_cell(tmp_path, capsys):
     assert not (tmp_path / "p").exists()
     assert sweep_main([sweep, "--print-commands"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 4 and all(line.startswith("python -m methods.train method=structureclip") for line in lines)
+    job = f"{sys.executable} -m methods.train method=structureclip"
+    assert len(lines) == 4 and all(line.startswith(job) for line in lines)
     assert "'method.negative_kinds=[relation]'" in lines[0]
+    for key, value in portable.items():  # a sweep run with CPU_KERNELS=portable prints jobs that set them too
+        monkeypatch.setenv(key, value)
+    assert sweep_main([sweep, "--print-commands"]) == 0
+    settings = " ".join(f"{k}={v}" for k, v in portable.items())
+    assert all(line.startswith(f"env {settings} {job}") for line in capsys.readouterr().out.strip().splitlines())
 
 
 def test_every_shipped_sweep_file_composes_into_valid_cells(tmp_path, capsys):
@@ -148,7 +158,7 @@ def test_every_shipped_sweep_file_composes_into_valid_cells(tmp_path, capsys):
     assert len(files) >= 10
     for path in files:
         assert sweep_main([str(path), f"out_dir={tmp_path}", "--print-commands"]) == 0, path.name
-        assert capsys.readouterr().out.count("python -m methods.train") >= 1, path.name
+        assert capsys.readouterr().out.count(" -m methods.train") >= 1, path.name
 
 
 def test_a_ddp_sweep_and_a_ddp_run_leave_one_folder_and_one_report(tmp_path):
