@@ -6,6 +6,7 @@ each name is looked up in `FIELDS`, whose builders make one value per sample.
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 from functools import partial
@@ -13,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
+import torchvision.transforms as T
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -22,6 +24,8 @@ from datamodules.device_images import split as split_transform
 from datamodules.fields import BATCH_TABLES, CAPTION_TOKEN_FIELDS, FIELDS, NEEDS, FieldContext, check_source_offers
 from datamodules.sampling import Draw, EpochSampler, ResumableLoader, derive_seed
 from datamodules.source import SOURCES, Source
+
+log = logging.getLogger(__name__)
 
 
 class CachedTokenizer:
@@ -200,9 +204,28 @@ class CaptionDataModule(L.LightningDataModule):
                 if not getattr(opts, "hf_id", None):
                     source.inputs(opts)
             elif getattr(source, "made_cheaply", False):
-                source(opts, "train")
+                self.check_fit(source(opts, "train"))
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data ({self.cfg.source}): {e.args[0] if e.args else e}") from None
+
+    def check_fit(self, world: Source, scenes: int = 256) -> None:
+        """Warn where the model sees less than a drawn world holds: captions of its first scenes longer than the
+        text context (cut there), or images drawn larger than the model's input (resized down)."""
+        captions = [c for i in range(min(len(world), scenes)) for c in world[i].captions]
+        tokens = self.tokenize(captions) if captions else None
+        if tokens is not None:
+            cut = int((tokens[:, -1] != 0).sum())  # the last position holds a token only when the caption fills it
+            if cut:
+                log.warning("data (%s): %d of %d captions of the first %d training scenes fill the model's text "
+                            "context of %d tokens and are cut there; raise model.arch.text_cfg.context_length (or "
+                            "use a model with a longer one)", self.cfg.source, cut, len(captions),
+                            min(len(world), scenes), tokens.shape[1])
+        drawn = getattr(getattr(world, "cfg", None), "image_size", None)
+        size = next((t.size for t in getattr(self.preprocess_val, "transforms", []) if isinstance(t, T.Resize)), None)
+        side = size if isinstance(size, int) else min(size) if size else None
+        if drawn and side and drawn > side:
+            log.warning("data (%s): images are drawn at %d px and resized to the model's %d px input; objects "
+                        "shrink with them (raise model.arch.vision_cfg.image_size)", self.cfg.source, drawn, side)
 
     def dataset(self, split: str) -> CaptionDataset:
         if split not in self.datasets:

@@ -137,3 +137,24 @@ def test_data_files_source_options_and_the_device_are_checked_before_a_run_folde
                  f"runs_dir={tmp_path / 'runs'}"]) == 2
     assert expected.format(root=root) in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_world_the_model_cannot_see_whole_is_warned_about(caplog):
+    """data=shapes_hard on the tiny model: its captions are cut at the model's context and its images shrink to
+    the model's input; with the model the data file asks for, or on the default world, nothing is said."""
+    import logging
+
+    from methods.train import build
+
+    def warnings_for(*argv):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="datamodules.datamodule"):
+            build(compose_train(list(argv)))[1].check()
+        return [r.getMessage() for r in caplog.records if r.name == "datamodules.datamodule"]
+
+    cut, small = warnings_for("data=shapes_hard")
+    assert "captions of the first 256 training scenes fill the model's text context of 24 tokens" in cut
+    assert "images are drawn at 64 px and resized to the model's 32 px input" in small
+    assert warnings_for("data=shapes_hard", "model.arch.vision_cfg.image_size=64",
+                        "model.arch.text_cfg.context_length=40") == []
+    assert warnings_for() == []
