@@ -69,8 +69,9 @@ def _merge(cfg: DictConfig, other: Any, what: str) -> DictConfig:
     except ConfigKeyError as e:
         key = getattr(e, "full_key", None) or str(e)
         raise ConfigError(f"{what}: unknown config key '{key}'; {_valid_keys(cfg, str(key))}") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{what}: {e.msg if hasattr(e, 'msg') else e} (key '{getattr(e, 'full_key', '?')}')") from None
+    except OmegaConfBaseException as e:  # its message's first line: the full key and types follow on others
+        message = str(getattr(e, "msg", None) or e).splitlines()[0]
+        raise ConfigError(f"{what}: {message} (key '{getattr(e, 'full_key', '?')}')") from None
 
 
 def compose(root: str, argv: list[str] | tuple[str, ...] = (), schemas: Mapping[str, GroupSchema] | None = None) -> DictConfig:
@@ -98,7 +99,16 @@ def compose(root: str, argv: list[str] | tuple[str, ...] = (), schemas: Mapping[
         if group in schemas:  # the schema node replaces the untyped slot, then the file fills it
             OmegaConf.update(cfg, group, typed, merge=False)
         cfg = _merge(cfg, {group: node}, what)
-    cfg = _merge(cfg, OmegaConf.from_dotlist(overrides), "command line")
+    problems = []
+    for token in overrides:  # one at a time, so that every unknown key and bad value is named, not the first alone
+        try:
+            cfg = _merge(cfg, OmegaConf.from_dotlist([token]), "command line")
+        except ConfigError as e:
+            problems.append(str(e.args[0]).removeprefix("command line: "))
+    if len(problems) == 1:
+        raise ConfigError(f"command line: {problems[0]}")
+    if problems:
+        raise ConfigError(f"command line: {len(problems)} problems:\n  " + "\n  ".join(problems))
     OmegaConf.set_struct(cfg, True)
     OmegaConf.resolve(cfg)
     return cfg

@@ -59,6 +59,13 @@ def test_unknown_key_is_rejected_with_the_valid_keys():
         compose_train(["data.options.colour=red"])
     with pytest.raises(configs.ConfigError, match="unknown config key 'nosuch'"):
         compose_train(["nosuch=1"])
+    with pytest.raises(configs.ConfigError) as e:  # every mistake of one command line at once
+        compose_train(["optim.nosuch=1", "seed=3", "data.bogus=2", "optim.lr=fast"])
+    assert e.value.args[0].splitlines() == [
+        "command line: 3 problems:",
+        "  unknown config key 'optim.nosuch'; " + configs._valid_keys(compose_train([]), "optim.nosuch"),
+        "  unknown config key 'data.bogus'; " + configs._valid_keys(compose_train([]), "data.bogus"),
+        "  Value 'fast' of type 'str' could not be converted to Float (key 'optim.lr')"]
 
 
 def test_unknown_model_arch_key_lists_open_clips_keys_and_leaves_no_run_folder(tmp_path, capsys):
