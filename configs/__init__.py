@@ -69,8 +69,11 @@ def _merge(cfg: DictConfig, other: Any, what: str) -> DictConfig:
     except ConfigKeyError as e:
         key = getattr(e, "full_key", None) or str(e)
         raise ConfigError(f"{what}: unknown config key '{key}'; {_valid_keys(cfg, str(key))}") from None
-    except OmegaConfBaseException as e:  # its message's first line: the full key and types follow on others
+    except (OmegaConfBaseException, TypeError) as e:  # its message's first line: the full key and types follow
         message = str(getattr(e, "msg", None) or e).splitlines()[0]
+        if isinstance(e, TypeError):  # omegaconf merging a dotlist index (key.1=x) into a slot that is not a list
+            raise ConfigError(f"{what}: {message}: a list item set by its index (key.1=value) needs its list first "
+                              "on the command line; or set the whole list (key=[a,b])") from None
         raise ConfigError(f"{what}: {message} (key '{getattr(e, 'full_key', '?')}')") from None
 
 
@@ -99,16 +102,18 @@ def compose(root: str, argv: list[str] | tuple[str, ...] = (), schemas: Mapping[
         if group in schemas:  # the schema node replaces the untyped slot, then the file fills it
             OmegaConf.update(cfg, group, typed, merge=False)
         cfg = _merge(cfg, {group: node}, what)
-    problems = []
-    for token in overrides:  # one at a time, so that every unknown key and bad value is named, not the first alone
-        try:
-            cfg = _merge(cfg, OmegaConf.from_dotlist([token]), "command line")
-        except ConfigError as e:
-            problems.append(str(e.args[0]).removeprefix("command line: "))
-    if len(problems) == 1:
-        raise ConfigError(f"command line: {problems[0]}")
-    if problems:
-        raise ConfigError(f"command line: {len(problems)} problems:\n  " + "\n  ".join(problems))
+    try:
+        cfg = _merge(cfg, OmegaConf.from_dotlist(overrides), "command line")
+    except ConfigError as first:  # again one at a time, on a copy, so that every unknown key and bad value is named
+        problems, probe = [], cfg.copy()
+        for token in overrides:
+            try:
+                probe = _merge(probe, OmegaConf.from_dotlist([token]), "command line")
+            except ConfigError as e:
+                problems.append(str(e.args[0]).removeprefix("command line: "))
+        if len(problems) < 2:
+            raise first from None
+        raise ConfigError(f"command line: {len(problems)} problems:\n  " + "\n  ".join(problems)) from None
     OmegaConf.set_struct(cfg, True)
     OmegaConf.resolve(cfg)
     return cfg

@@ -212,14 +212,15 @@ class CaptionDataModule(L.LightningDataModule):
         """Warn where the model sees less than a drawn world holds: captions of its first scenes longer than the
         text context (cut there), or images drawn larger than the model's input (resized down)."""
         captions = [c for i in range(min(len(world), scenes)) for c in world[i].captions]
-        tokens = self.tokenize(captions) if captions else None
-        if tokens is not None:
-            cut = int((tokens[:, -1] != 0).sum())  # the last position holds a token only when the caption fills it
+        if captions:
+            tokens = self.tokenize(captions)
+            pad = self.tokenize(["a"])[0, -1]  # what the last position holds when the text is short
+            cut = int((tokens[:, -1] != pad).sum())  # a caption reaching the last position: cut there (or as long)
             if cut:
-                log.warning("data (%s): %d of %d captions of the first %d training scenes fill the model's text "
-                            "context of %d tokens and are cut there; raise model.arch.text_cfg.context_length (or "
-                            "use a model with a longer one)", self.cfg.source, cut, len(captions),
-                            min(len(world), scenes), tokens.shape[1])
+                log.warning("data (%s): %d of %d captions of the first %d training scenes reach the end of the "
+                            "model's text context of %d tokens (cut there, unless exactly as long); raise "
+                            "model.arch.text_cfg.context_length (or use a model with a longer one)", self.cfg.source,
+                            cut, len(captions), min(len(world), scenes), tokens.shape[1])
         drawn = getattr(getattr(world, "cfg", None), "image_size", None)
         size = next((t.size for t in getattr(self.preprocess_val, "transforms", []) if isinstance(t, T.Resize)), None)
         side = size if isinstance(size, int) else min(size) if size else None

@@ -69,8 +69,18 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, CaptionDataModule]:
     dm = CaptionDataModule(cfg.data, preprocess_train=module.preprocess_train, preprocess_val=module.preprocess_val,
                            tokenizer=module.tokenizer, extra_fields=module.fields(),
                            field_options=module.field_options(), seed=cfg.seed, trim_text=module.trims_text())
+    dm.check()  # the data files are there and the source's options hold, before a method's fields do work on them
     module.prepare_fields(dm)
     return module, dm
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """trainer.accelerator names a device this machine has (Lightning's `gpu` is CUDA, or Apple's MPS)."""
+    wanted = cfg.trainer.accelerator
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if (wanted == "cuda" or (wanted == "gpu" and not mps)) and not torch.cuda.is_available():
+        raise configs.ConfigError(f"trainer.accelerator={wanted} but no CUDA device is visible here; train on the "
+                                  "CPU with the default trainer (or trainer=cpu)")
 
 
 def environment() -> dict[str, Any]:
@@ -331,11 +341,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None =
     if run_dir is None:
         configs.validate(cfg)  # before anything is built or written
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    check_accelerator(cfg)
     module, dm = build(cfg)  # before the folder is made: a config that cannot build leaves nothing behind
-    dm.check()  # the data files are there and the source's options hold
-    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise configs.ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA device is visible "
-                                  "here; train on the CPU with the default trainer (or trainer=cpu)")
     scratch = run_dir is None and cfg.run_dir is None and process_rank() > 0
     if scratch:
         # another rank of a multi-process run: rank 0 makes the run folder and writes every file of it (the

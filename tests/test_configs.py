@@ -77,6 +77,12 @@ def test_unknown_model_arch_key_lists_open_clips_keys_and_leaves_no_run_folder(t
     assert "model.arch: unknown key(s) depth" in capsys.readouterr().err
 
 
+def test_a_list_item_set_after_its_list_keeps_the_command_lines_meaning():
+    cfg = compose_train(["method=negclip", "method.negative_kinds=[relation,noun]", "method.negative_kinds.1=attribute"])
+    assert list(cfg.method.negative_kinds) == ["relation", "attribute"]
+    assert compose_train(["optim.lr=abc", "optim.lr=0.1"]).optim.lr == 0.1  # the last value of a key is the one
+
+
 def test_wrong_type_is_rejected():
     with pytest.raises(configs.ConfigError, match="optim.lr"):
         compose_train(["optim.lr=fast"])
@@ -132,15 +138,26 @@ def test_a_missing_data_file_is_named_before_anything_runs(tmp_path, capsys):
     (["data=vg"], "data (visual_genome): {root}/image_data.json: file not found (set data.options.image_data"),
     (["data.options.num_objects=7"], "data (shapes): shapes world: num_objects must be 2..4, got 7"),
     (["trainer=gpu"], "trainer.accelerator=gpu but no CUDA device is visible here"),
+    (["method=negclip", "data=coco"], "data (coco_karpathy): {root}/dataset_coco.json: file not found"),
+    (["method=negclip", "trainer=gpu"], "trainer.accelerator=gpu but no CUDA device is visible here"),
 ])
 def test_data_files_source_options_and_the_device_are_checked_before_a_run_folder(tmp_path, capsys, monkeypatch,
                                                                                    argv, expected):
-    """What the data module or the trainer would only find once fitting began is named before a folder is made."""
+    """What the data module or the trainer would only find once fitting began is named before a folder is made,
+    and before a method's fields do any work on the data (NegCLIP's neighbour table encodes every image)."""
     import torch
 
+    from methods.negclip import NegCLIP
+
+    def too_soon(self, dm):
+        raise AssertionError("NegCLIP's neighbour table was started before the checks")
+
+    monkeypatch.setattr(NegCLIP, "prepare_fields", too_soon)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     root = tmp_path / "nothing-here"
-    assert main([*argv, f"data.options.root={root}" if "data=" in argv[0] else "seed=0", "model=tiny",
+    data = any(a.startswith("data=") for a in argv)
+    assert main([*argv, f"data.options.root={root}" if data else "seed=0", "model=tiny",
                  f"runs_dir={tmp_path / 'runs'}"]) == 2
     assert expected.format(root=root) in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
@@ -156,11 +173,11 @@ def test_a_world_the_model_cannot_see_whole_is_warned_about(caplog):
     def warnings_for(*argv):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="datamodules.datamodule"):
-            build(compose_train(list(argv)))[1].check()
+            build(compose_train(list(argv)))  # which checks the data module
         return [r.getMessage() for r in caplog.records if r.name == "datamodules.datamodule"]
 
     cut, small = warnings_for("data=shapes_hard")
-    assert "captions of the first 256 training scenes fill the model's text context of 24 tokens" in cut
+    assert "captions of the first 256 training scenes reach the end of the model's text context of 24 tokens" in cut
     assert "images are drawn at 64 px and resized to the model's 32 px input" in small
     assert warnings_for("data=shapes_hard", "model.arch.vision_cfg.image_size=64",
                         "model.arch.text_cfg.context_length=40") == []
