@@ -348,8 +348,24 @@ def train(cfg: DictConfig, run_dir: Path | None = None, ckpt_path: Path | None =
         # another rank of a multi-process run: rank 0 makes the run folder and writes every file of it (the
         # checkpoint callbacks take rank 0's folder); this process keeps its own scratch files aside
         run_dir, ckpt_path = Path(tempfile.mkdtemp(prefix=f"clipcomp-rank{process_rank()}-")), None
+    named_here = run_dir is None and cfg.run_dir is None  # a folder this call names (not a user's run_dir)
     if run_dir is None:
         run_dir, ckpt_path = open_run(cfg)
+    try:
+        return fit_in(cfg, module, dm, run_dir, ckpt_path, scratch)
+    except SIGTERMException:
+        raise
+    except Exception:
+        if named_here and not scratch and not any((run_dir / "checkpoints").glob("*.ckpt")):
+            # nothing to continue from: set aside, so that it is not listed as a run to resume (make bench)
+            aside = keep_aside(run_dir, "failed")
+            print(f"{run_dir}: failed before its first checkpoint; kept as {aside.name}", file=sys.stderr)
+        raise
+
+
+def fit_in(cfg: DictConfig, module: L.LightningModule, dm: CaptionDataModule, run_dir: Path, ckpt_path: Path | None,
+           scratch: bool) -> Path:
+    """Fit in the opened run folder (see `train`); returns it."""
     if not (run_dir / "config.yaml").is_file():
         configs.save(cfg, run_dir / "config.yaml")
     record_environment(run_dir)

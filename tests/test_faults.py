@@ -211,3 +211,22 @@ def test_float16_mixed_precision_is_refused_with_the_reason(make_cfg):
 
     with pytest.raises(configs.ConfigError, match="gradient scaler would override the non-finite guard"):
         configs.validate(make_cfg("trainer.precision=16-mixed"))
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_is_set_aside(make_cfg, monkeypatch, tmp_path, capsys):
+    """Nothing to continue from: its folder (config, environment, logs) is kept as <run>.failed-1, not left among
+    the runs make bench offers to resume; a run_dir the user named stays where it is."""
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("broken before the first step")
+
+    monkeypatch.setattr(L.Trainer, "fit", broken)
+    with pytest.raises(RuntimeError, match="broken before"):
+        train_mod.train(make_cfg())
+    (aside,) = (tmp_path / "runs" / "clip").iterdir()
+    assert aside.name.endswith(".failed-1") and (aside / "config.yaml").is_file()
+    assert "failed before its first checkpoint; kept as" in capsys.readouterr().err
+    named = tmp_path / "mine"
+    with pytest.raises(RuntimeError, match="broken before"):
+        train_mod.train(make_cfg(f"run_dir={named}"))
+    assert (named / "config.yaml").is_file()
