@@ -58,8 +58,8 @@ def find_runs(cfg: DictConfig) -> list[Path]:
         return runs
     root = Path(cfg.runs_dir)
     # runs/<method>/<time>/ as make train names them, and a run_dir of any name one or two folders down
-    candidates = [r for r in sorted({*root.glob("*"), *root.glob("*/*")})
-                  if (r / "checkpoints" / f"{cfg.ckpt}.ckpt").is_file()]
+    folders = sorted({*root.glob("*"), *root.glob("*/*")})
+    candidates = [r for r in folders if (r / "checkpoints" / f"{cfg.ckpt}.ckpt").is_file()]
     by_method: dict[str, dict[Path, str | None]] = {}
     for r in candidates:
         by_method.setdefault(method_of(r), {})[r] = finished_at(r)
@@ -72,7 +72,7 @@ def find_runs(cfg: DictConfig) -> list[Path]:
     if not found:
         more = (f" ({len(unfinished)} unfinished, e.g. {sorted(unfinished)[-1]}: continue it with make train "
                 f"RESUME=..., or name it with RUNS=... to evaluate its checkpoint as it is)") if unfinished else ""
-        names = sorted({c.stem for c in [*root.glob("*/checkpoints/*.ckpt"), *root.glob("*/*/checkpoints/*.ckpt")]})
+        names = sorted({c.stem for r in folders for c in (r / "checkpoints").glob("*.ckpt")})
         there = f"; the runs there have the checkpoints {', '.join(names)} (ckpt=...)" if names else ""
         raise FileNotFoundError(f"no finished run with a '{cfg.ckpt}' checkpoint under {root}/{more}{there}; "
                                 f"train one first (make train)")
