@@ -158,6 +158,13 @@ def word_tokenizer() -> tuple[Callable[[str], list[str]], bool]:
 MANY_SENTENCES = re.compile(r"[.!?][\"')\]]*\s+\S")  # a sentence end followed by more text
 
 
+def tag_one(tag: Tagger, caption: str, where: str) -> list[tuple[str, str]]:
+    try:
+        return tag([caption.strip()])[0]
+    except (LookupError, ValueError) as e:
+        raise BadInput(f"{where}: {e.args[0] if len(e.args) == 1 else e}") from None
+
+
 def order_options(captions: Sequence[str], wheres: Sequence[str], tag: Tagger, rng: np.random.Generator,
                   bad: BadRecords, max_words: int = ORDER_MAX_WORDS,
                   tokenize: Callable[[str], list[str]] | None = None) -> list[list[str] | None]:
@@ -165,11 +172,16 @@ def order_options(captions: Sequence[str], wheres: Sequence[str], tag: Tagger, r
     The tagger sees the raw caption stripped of surrounding whitespace (ARO tags the raw caption too);
     `tokenize` splits the raw caption for the trigram shuffles (ARO: NLTK's word_tokenize; None: the tagger's
     words)."""
-    tagged = tag([c.strip() for c in captions])
+    try:
+        tagged: list = tag([c.strip() for c in captions])
+    except (LookupError, ValueError):  # a caption the parser cannot read: tag one by one to name (or skip) it
+        tagged = [bad.guard(lambda c=c, w=w: tag_one(tag, c, w)) for c, w in zip(captions, wheres)]
     if len(tagged) != len(captions):
         raise RuntimeError(f"the tagger returned {len(tagged)} results for {len(captions)} captions")
 
-    def options(caption: str, tokens: list[tuple[str, str]], where: str) -> list[str]:
+    def options(caption: str, tokens: list[tuple[str, str]] | None, where: str) -> list[str] | None:
+        if tokens is None:  # skipped when it was tagged
+            return None
         if not tokens:
             raise BadInput(f"{where}: the parser found no words in caption {caption!r}")
         words, tags = [w for w, _ in tokens], [t for _, t in tokens]

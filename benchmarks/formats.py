@@ -15,6 +15,7 @@ benchmark's BadRecords guard, so `skip_bad` can skip and count it). A missing fi
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import re
 from dataclasses import dataclass
@@ -35,10 +36,8 @@ WHERE_TO_GET = {
                                       "are-bows, Google Drive id 13tWvOrNOLHxl3Rm9cR3geAdHx2qR3-Tw)",
     "aro_images": "ARO's vgr_vga_images.zip (Google Drive id 1qaPlrwhGNMrR3a11iopZUT_GPP_LrgP9), unzipped so that "
                   "the files are directly in this folder",
-    "coco_karpathy_test.json": _BLIP + "coco_karpathy_test.json",
-    "coco_karpathy_val.json": _BLIP + "coco_karpathy_val.json",
-    "flickr30k_test.json": _BLIP + "flickr30k_test.json",
-    "flickr30k_val.json": _BLIP + "flickr30k_val.json",
+    **{f"{name}_{split}.json": f"{_BLIP}{name}_{split}.json"  # BLIP's Karpathy files, every split bench.split offers
+       for name in ("coco_karpathy", "flickr30k") for split in ("train", "val", "test")},
     "coco_images": "COCO 2014 images (http://images.cocodataset.org/zips/val2014.zip), unzipped here as val2014/",
     "flickr_images": "Flickr30k images (sign up at https://forms.illinois.edu/sec/229675), unzipped here as "
                      "flickr30k-images/",
@@ -58,11 +57,15 @@ def require(path: Path, what: str, source: str) -> Path:
 def load_json(path: Path, what: str, source: str) -> Any:
     """The parsed file; a missing file says where to get it, a malformed one names the line and column."""
     require(path, what, source)
+    if path.is_dir():
+        raise ValueError(f"{path}: {what} expected, found a folder")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text, as JSON must be (byte {e.start}: {e.reason})") from None
 
 
 def _text(record: dict, key: str, where: str) -> str:
@@ -77,8 +80,8 @@ def _text(record: dict, key: str, where: str) -> str:
 
 def _number(record: dict, key: str, where: str) -> float:
     value = record.get(key)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise BadInput(f"{where}: field '{key}' must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise BadInput(f"{where}: field '{key}' must be a finite number, got {value!r}")
     return value
 
 
@@ -181,9 +184,15 @@ def _karpathy_entry(record: Any, where: str, bad: BadRecords) -> KarpathyImage |
 
 
 def read_karpathy(path: Path, bad: BadRecords) -> list[KarpathyImage]:
-    """The images of a BLIP Karpathy file, in file order; an image whose captions were all skipped is dropped."""
-    return read_list(path, "Karpathy split file", "{'image', 'caption'} records", bad,
-                     lambda r, where: _karpathy_entry(r, where, bad))
+    """The images of a BLIP Karpathy file, in file order; an image whose captions were all skipped is dropped. The
+    train files hold one record per caption: an image's records become one entry (its first record names it), so
+    image-to-text retrieval counts any of its captions."""
+    merged: dict[str, KarpathyImage] = {}
+    for e in read_list(path, "Karpathy split file", "{'image', 'caption'} records", bad,
+                       lambda r, where: _karpathy_entry(r, where, bad)):
+        first = merged.get(e.image)
+        merged[e.image] = e if first is None else KarpathyImage(e.image, first.captions + e.captions, first.where)
+    return list(merged.values())
 
 
 @dataclass(frozen=True)

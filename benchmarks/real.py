@@ -48,12 +48,13 @@ def bad_records(ctx: BenchContext) -> BadRecords:
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def use_amp(ctx: BenchContext) -> torch.dtype | None:
-    """The autocast dtype of the encoders (None: full precision): bench.amp (None: on a GPU only), to
+def use_amp(ctx: BenchContext, reference_float32: bool = False) -> torch.dtype | None:
+    """The autocast dtype of the encoders (None: full precision): bench.amp (None: on a GPU only, unless the
+    benchmark's reference code runs in float32, as SugarCrepe's main_eval.py does: `reference_float32`), to
     bench.amp_dtype (float16 by default: CLIP_benchmark's autocast, and the half precision ARO runs OpenAI's
     CLIP in; bfloat16 keeps 3 fewer mantissa bits, enough to flip a close choice between two captions)."""
     amp = ctx.spec.get("amp")
-    on = _device(ctx.model).type == "cuda" if amp is None else bool(amp)
+    on = (_device(ctx.model).type == "cuda" and not reference_float32) if amp is None else bool(amp)
     return AMP_DTYPES[str(ctx.spec.get("amp_dtype", "float16"))] if on else None
 
 
@@ -116,9 +117,12 @@ class EncodedImages:
                 f"and captions) at {ok / max(self.seconds, 1e-9):.1f} images/s")
 
 
-def encode_refs(ctx: BenchContext, refs: Sequence[ImageRef], wheres: Sequence[str], what: str) -> EncodedImages:
+def encode_refs(ctx: BenchContext, refs: Sequence[ImageRef], wheres: Sequence[str], what: str,
+                reference_float32: bool = False) -> EncodedImages:
     """Encode every distinct image of `refs` once (shared with every benchmark of this call that needs the same
-    images, e.g. COCO-Order and COCO retrieval); `wheres[i]` names the record of refs[i]."""
+    images at the same precision, e.g. COCO-Order and COCO retrieval); `wheres[i]` names the record of refs[i];
+    `reference_float32` as `use_amp`."""
+    amp = use_amp(ctx, reference_float32)
     users: dict[ImageRef, list[str]] = {}
     for ref, where in zip(refs, wheres):
         users.setdefault(ref, []).append(where)
@@ -128,13 +132,13 @@ def encode_refs(ctx: BenchContext, refs: Sequence[ImageRef], wheres: Sequence[st
         names = [users[r][0] + (f" (and {len(users[r]) - 1} other records)" if len(users[r]) > 1 else "")
                  for r in distinct]
         data = ImageFiles(distinct, names, ctx.preprocess)
-        start, amp = time.perf_counter(), use_amp(ctx)
+        start = time.perf_counter()
         feats, errors = encode_images_guarded(ctx.model, data, batch_size=ctx.spec.batch_size,
                                               num_workers=min(int(ctx.spec.get("num_workers", 0)), os.cpu_count() or 1),
                                               desc=f"{what} images", amp=amp)
         return EncodedImages(distinct, feats, errors, time.perf_counter() - start, amp)
 
-    return ctx.cached(("images", tuple(distinct)), make)
+    return ctx.cached(("images", amp, tuple(distinct)), make)
 
 
 def usable(refs: Sequence[ImageRef], encoded: EncodedImages, bad: BadRecords) -> tuple[list[int], Tensor]:

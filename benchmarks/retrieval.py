@@ -16,7 +16,7 @@ from benchmarks.base import BENCHMARKS, BenchContext, BenchResult
 from benchmarks.real import bad_records, encode_refs, karpathy, nonempty, notes_for, usable, use_amp
 from benchmarks.scoring import encode_unique_texts, retrieval_metrics
 
-FAMILY = "retrieval"
+FAMILY = "retrieval_{}"  # one chart per dataset: their metrics share tick labels (i2t_R@1, ...)
 KS = (1, 5, 10)
 
 
@@ -37,7 +37,7 @@ def retrieval_benchmark(ctx: BenchContext, dataset: str, name: str, what: str) -
     notes.append(f"{what}: {len(entries)} images, {len(captions)} captions ({ctx.spec.split} split); Recall@k as "
                  "CLIP_benchmark (i2t: any of the image's captions in the top k, averaged over images; t2i: "
                  "averaged over captions)")
-    return BenchResult(metrics, FAMILY, notes=notes)
+    return BenchResult(metrics, FAMILY.format(dataset), notes=notes)
 
 
 @BENCHMARKS.register("coco_retrieval")

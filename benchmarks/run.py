@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,9 @@ def find_runs(cfg: DictConfig) -> list[Path]:
         for r in runs:
             if not (r / "config.yaml").is_file():
                 raise FileNotFoundError(f"{r}: not a run folder (no config.yaml)")
+        twice = sorted({str(r) for r in runs if sum(r.resolve() == o.resolve() for o in runs) > 1})
+        if twice:
+            raise ValueError(f"runs=[...] names {', '.join(twice)} more than once")
         return runs
     root = Path(cfg.runs_dir)
     # runs/<method>/<time>/ as make train names them, and a run_dir of any name one or two folders down
@@ -95,6 +99,17 @@ def load_run(run: Path, ckpt: str, device: torch.device):
     return module.to(device).eval(), run_cfg
 
 
+def file_labels(runs: list[Path]) -> list[str]:
+    """How each run's detail CSVs are named: the folder name, or where two runs share it (every sweep cell's run
+    is `<cell>/run`) the path below the folder all runs share, its parts joined by '-'."""
+    names = [r.name for r in runs]
+    if len(set(names)) == len(names):
+        return names
+    full = [r.resolve() for r in runs]
+    common = Path(os.path.commonpath(full))
+    return ["-".join(r.relative_to(common).parts) for r in full]
+
+
 def new_out_dir(cfg: DictConfig) -> Path:
     return new_folder(Path(cfg.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.bench.name}")
 
@@ -105,12 +120,12 @@ def device_for(name: str) -> torch.device:
     return torch.device(name)
 
 
-def bench_run(run: Path, cfg: DictConfig, device: torch.device, details_dir: Path | None = None
-              ) -> tuple[list[dict], dict[str, list[str]], list[str]]:
+def bench_run(run: Path, cfg: DictConfig, device: torch.device, details_dir: Path | None = None,
+              file_label: str | None = None) -> tuple[list[dict], dict[str, list[str]], list[str]]:
     """Every benchmark of cfg.bench on one run, once per evaluation variant of its method (one row each); the notes
     say which torch and open_clip trained it (a table mixing builds shows each)."""
     module, run_cfg = load_run(run, cfg.ckpt, device)
-    rows, families, notes = bench_module(module, run_cfg, cfg, str(run), run.name, details_dir)
+    rows, families, notes = bench_module(module, run_cfg, cfg, str(run), file_label or run.name, details_dir)
     if finished_at(run) is None:
         step = read_checkpoint(run / "checkpoints" / f"{cfg.ckpt}.ckpt", mmap=True).get("global_step")
         notes.append(f"{run}: not finished (no done.json); its {cfg.ckpt} checkpoint is from step {step}")
@@ -210,8 +225,8 @@ def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, list[str]], list[st
             for row in rows:
                 row.update(method=f"{row['method']}/zero-shot", seed=None)
         per_run = []
-        for run in runs:
-            r, f, n = bench_run(run, cfg, device_for(cfg.device), out)
+        for run, label in zip(runs, file_labels(runs)):
+            r, f, n = bench_run(run, cfg, device_for(cfg.device), out, label)
             rows += r
             merge_families(families, f)
             per_run.append((str(run), n))
@@ -242,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = configs.compose("bench", argv, schemas=SCHEMAS)
         configs.validate(cfg)
         rows, families, notes, out = evaluate(cfg)
-    except (configs.ConfigError, KeyError, FileNotFoundError, ValueError, ImportError) as e:
+    except (configs.ConfigError, LookupError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     paths = write_report(rows, out, families=families, title=f"clipcomp: {cfg.bench.name}", notes=notes)

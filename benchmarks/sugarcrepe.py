@@ -33,12 +33,13 @@ def sugarcrepe(ctx: BenchContext) -> BenchResult:
     images = require(root / "coco" / "val2017", "COCO val2017 image folder", "coco_val2017")
     cases = [(s, c) for s in SUBSETS for c in subsets[s]]
     refs = [ImageRef(str(images / c.image)) for _, c in cases]
-    encoded = encode_refs(ctx, refs, [c.where for _, c in cases], "SugarCrepe")
+    # float32 unless bench.amp says otherwise, as SugarCrepe's main_eval.py: its ties and close margins count
+    encoded = encode_refs(ctx, refs, [c.where for _, c in cases], "SugarCrepe", reference_float32=True)
     kept, image_feats = usable(refs, encoded, bad)  # (N, D)
     cases = [cases[k] for k in kept]
     nonempty(cases, "SugarCrepe", root / "sugarcrepe")
     texts = [t for _, c in cases for t in (c.caption, c.negative_caption)]
-    text = encode_unique_texts(ctx.model, texts, batch_size=ctx.spec.batch_size, amp=use_amp(ctx))
+    text = encode_unique_texts(ctx.model, texts, batch_size=ctx.spec.batch_size, amp=use_amp(ctx, True))
     scores = score_options(image_feats, text.view(len(cases), 2, -1))  # (2N, D) -> (N, 2, D); scores (N, 2)
     correct = choice_correct(scores, 0, ties="wrong")
     subset_of = [s for s, _ in cases]

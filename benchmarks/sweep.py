@@ -177,8 +177,8 @@ def aggregate(results: list[tuple[dict[str, Any], dict[str, Any]]], metrics: lis
             g["chance"].update(row.get("chance") or {})
             g["seeds"].append(point["seed"])
             g["runs"].append(row["run"])
-            for m in metrics:
-                if row.get(m) is not None:
+            for m in metrics:  # a seed without the figure (none, or NaN: e.g. no VG-Attribution pair with 25 cases)
+                if row.get(m) is not None and not math.isnan(float(row[m])):  # leaves it out; "n" counts the rest
                     g["values"].setdefault(m, []).append(float(row[m]))
     out = []
     for g in groups.values():

@@ -183,7 +183,7 @@ def test_order_accuracy_by_construction(fx):
     assert model.sizes and len(model.sizes) == len(data)  # each image read once for 31 cases
 
 
-def test_encoding_precision_defaults_to_float16_autocast_on_a_gpu_only_and_the_notes_say_which(fx):
+def test_encoding_precision_defaults_to_float16_autocast_on_a_gpu_only_and_the_notes_say_which(fx, monkeypatch):
     from benchmarks.real import use_amp
 
     model = StandIn(lambda t: [0.5, 0.0])
@@ -192,5 +192,12 @@ def test_encoding_precision_defaults_to_float16_autocast_on_a_gpu_only_and_the_n
     assert use_amp(context(model, fx.root, amp=True, amp_dtype="bfloat16")) is torch.bfloat16
     notes = BENCHMARKS.get("vg_relation")(context(model, fx.root)).notes
     assert any("encoded in float32" in n for n in notes)
+    # on a GPU: float16 autocast, but SugarCrepe as its main_eval.py in float32 unless bench.amp is set
+    import benchmarks.real
+
+    monkeypatch.setattr(benchmarks.real, "_device", lambda m: torch.device("cuda"))
+    assert use_amp(context(model, fx.root)) is torch.float16 and use_amp(context(model, fx.root), True) is None
+    assert use_amp(context(model, fx.root, amp=True), True) is torch.float16
+    monkeypatch.undo()
     notes = BENCHMARKS.get("vg_relation")(context(model, fx.root, amp=True)).notes
     assert any("encoded under float16 autocast" in n for n in notes)

@@ -61,6 +61,8 @@ def test_bench_real_with_workers_skips_and_reports_bad_records(tmp_path, capsys,
     printed = capsys.readouterr().out
     assert all(n in printed for n in ("sugarcrepe/overall", "coco_retrieval/i2t_R@1", "flickr30k_retrieval/t2i_R@10"))
     (report,) = (tmp_path / "r").glob("*/results.md")  # the failed call wrote no report
+    # one chart per retrieval dataset: their metrics share the tick labels (i2t_R@1, ...)
+    assert {"retrieval_coco.png", "retrieval_flickr30k.png"} <= {p.name for p in report.parent.iterdir()}
     text = report.read_text()
     assert "1 bad record(s) skipped in COCO-Order" in text and "1 bad record(s) skipped in COCO retrieval" in text
 

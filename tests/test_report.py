@@ -150,3 +150,21 @@ def test_notes_of_several_runs_are_shown_once_and_a_runs_own_names_it():
                             ("run-c", ["chance 0.5", "margin 0.1"])])
     assert notes == ["chance 0.5", "margin 0.1 [run-a; run-c]", "shared caveat [run-a; run-b]", "margin 0.3 [run-b]"]
     assert labelled_notes([("only", ["a", "b"])]) == ["a", "b"]
+
+
+def test_detail_files_of_runs_sharing_a_folder_name_are_told_apart(tmp_path):
+    """Every sweep cell's run is `<cell>/run`: their detail CSVs are named by the path below the shared folder;
+    a run named twice is refused."""
+    from omegaconf import OmegaConf
+
+    from benchmarks.run import file_labels, find_runs
+
+    a, b, c = tmp_path / "s" / "cellA" / "run", tmp_path / "s" / "cellB" / "run", tmp_path / "other"
+    for r in (a, b, c):
+        r.mkdir(parents=True)
+        (r / "config.yaml").write_text("{}")
+    assert file_labels([a, c]) == ["run", "other"]
+    assert file_labels([a, b]) == ["cellA-run", "cellB-run"]
+    assert file_labels([a, b, c]) == ["s-cellA-run", "s-cellB-run", "other"]
+    with pytest.raises(ValueError, match=f"names {a} more than once"):
+        find_runs(OmegaConf.create({"runs": [str(a), str(b), str(a)]}))

@@ -182,3 +182,15 @@ def test_a_ddp_sweep_and_a_ddp_run_leave_one_folder_and_one_report(tmp_path):
     (run,) = (tmp_path / "runs" / "clip").iterdir()
     assert (run / "done.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert not list(tmp_path.glob("clipcomp-rank*"))
+
+
+def test_a_seed_without_a_figure_is_left_out_of_the_mean():
+    """A seed whose metric is NaN (e.g. no VG-Attribution pair with 25 cases) is left out, and `n` says so."""
+    import math
+
+    from benchmarks.sweep import aggregate
+
+    results = [({"method": "clip", "seed": s}, {"rows": [{"method": "clip", "run": f"r{s}", "a": v}]})
+               for s, v in enumerate([0.5, math.nan, 0.7])]
+    (row,) = aggregate(results, ["a"])
+    assert math.isclose(row["a"], 0.6) and row["a n"] == 2 and row["n_seeds"] == 3
