@@ -156,10 +156,13 @@ def triple_alignment_loss(evidence: Tensor, all_triples: Tensor, hard: Tensor, h
 def masked_logits(images: Tensor, masks: Tensor, texts: Tensor, scale: float | Tensor) -> Tensor:
     """scale * cosine(image_i * mask_j, text_j) for every row i and column j, without the (R, C, D) tensor:
     images (R, D) unnormalised, masks (C, D), texts (C, D) normalised -> (R, C).
-    (x * m) . t = x . (m * t) and |x * m|^2 = x^2 . m^2; an all-zero mask scores 0 (F.normalize's eps)."""
+    (x * m) . t = x . (m * t) and |x * m|^2 = x^2 . m^2. An all-zero mask scores 0 and passes no gradient: divided
+    by the clamped norm, its straight-through gradient would be ~1e12 times a normal one, finite, so no guard would
+    stop it reaching AdamW's second moments (the release divides 0 by 0 there, and its fp16 scaler skips the step)."""
     dot = images @ (masks * texts).T  # (R, D) @ (D, C) -> (R, C)
     norm2 = images.square() @ masks.square().T  # (R, D) @ (D, C) -> (R, C)
-    return scale * dot / norm2.clamp(min=1e-24).sqrt()
+    some = norm2 > 1e-24
+    return scale * torch.where(some, dot / norm2.clamp(min=1e-24).sqrt(), dot.new_zeros(()))
 
 
 def smart_alignment_losses(images: Tensor, masks: Tensor, texts: Tensor, all_images: Tensor, all_masks: Tensor,

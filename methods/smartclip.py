@@ -142,7 +142,14 @@ class SmartCLIP(ContrastiveMethod):
         sidm, dism = smart_alignment_losses(img, mask, txt, self.gather(img), self.gather(mask), self.gather(txt),
                                             scale, rank, same=same)
         terms = {"sidm_loss": self.mcfg.align_weight * sidm, "dism_loss": self.mcfg.align_weight * dism,
-                 "mask_dims": (mask.detach() >= 0.5).float().sum(dim=1).mean()}  # logged: dimensions kept
+                 **mask_dims(mask)}
         if self.mcfg.sparsity_weight > 0:
             terms["sparsity_loss"] = self.mcfg.sparsity_weight * mask.abs().mean()
         return terms
+
+
+def mask_dims(mask: Tensor) -> dict[str, Tensor]:
+    """Logged, not losses: the dimensions a caption's mask keeps, mean and least over the batch (the release logs
+    both; a mask that keeps none scores its caption 0 and passes no gradient, `losses.masked_logits`)."""
+    kept = (mask.detach() >= 0.5).float().sum(dim=1)  # (B,)
+    return {"mask_dims": kept.mean(), "mask_dims_min": kept.min()}

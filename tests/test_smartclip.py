@@ -214,3 +214,22 @@ def test_smartclip_paper_optimiser(make_cfg):
     shared = [g for g in groups if g is not own and g["params"]]
     assert all(g["weight_decay"] == 0.01 for g in shared) and sum(len(g["params"]) for g in shared) == sum(
         1 for p in module.parameters() if p.requires_grad) - len(own["params"])
+
+
+def test_an_all_zero_mask_scores_zero_and_passes_no_gradient():
+    """A straight-through mask whose every logit is below 0 keeps no dimension: its caption scores 0 and the mask
+    logits get no gradient (divided by the clamped norm it was ~1e13, finite, and reached AdamW)."""
+    from methods.losses import masked_logits, smart_alignment_losses
+
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(3, 16, generator=g), F.normalize(torch.randn(3, 16, generator=g), dim=-1)
+    logits = torch.randn(3, 16, generator=g).requires_grad_()
+    low = torch.where(torch.arange(3)[:, None] == 1, -1.0 - logits.detach().abs(), torch.zeros(())) + logits
+    soft = torch.sigmoid(low)
+    masks = (low >= 0).float() + (soft - soft.detach())
+    assert masks[1].detach().eq(0).all() and masks[0].detach().gt(0).any()
+    scores = masked_logits(images, masks, texts, 100.0)
+    assert scores[:, 1].eq(0).all() and scores[:, 0].ne(0).all()
+    sidm, dism = smart_alignment_losses(images, masks, texts, images, masks, texts, 100.0)
+    (sidm + dism).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[1].abs().max() == 0 and logits.grad[0].abs().max() > 0
