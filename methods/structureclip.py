@@ -6,7 +6,7 @@ pair has no semantic negative (the released data reused the previous record's ne
 does). Loss as released: a max-violation hinge (margin 0.2) on the KEE-fused text features, plus 5 times a
 margin loss (0.1) between each image's score for its caption and for its negative on plain CLIP text
 features; InfoNCE is an option, off as released. As released, the text side of the hinge uses the mean image score
-instead of the hardest for the first 100 iterations (`hinge_warmup_steps`).
+instead of the hardest for the first 100 iterations of the first epoch (`hinge_warmup_steps`).
 
 The KEE embeds up to 6 triples (relations first, then (object, "is", attribute)); each element is
 mean-pooled over its token embeddings, a triple is h + r - t, a stack of transformer layers reads the
@@ -154,7 +154,8 @@ class StructureCLIP(ContrastiveMethod):
         rank, world = dist_info()
         img, fused = feats["image_features"], feats["fused_text_features"]
         all_img, all_fused = self.gather(img), self.gather(fused)
-        warm = self.training and self.global_step < self.mcfg.hinge_warmup_steps
+        # as released (`epoch == 0 and i < 100`): the first steps of the first epoch only, however short an epoch is
+        warm = self.training and self.current_epoch == 0 and self.global_step < self.mcfg.hinge_warmup_steps
         terms = {"hinge_loss": max_violation_hinge(img, fused, all_img, all_fused, rank, self.mcfg.hinge_margin,
                                                    mean_images=warm)}
         if "neg_text_features" in feats and self.mcfg.negative_weight > 0:

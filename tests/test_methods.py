@@ -324,3 +324,22 @@ def test_a_benchmark_that_gives_no_scene_graphs_says_so_for_the_knowledge_encode
                "equals the plain variant's" in n for n in notes)  # every distinct option of the 20 cases
     assert not any("structureclip on syn_relation" in n for n in notes)  # its captions carry their graphs
     assert not any(n.startswith("structureclip/plain on") for n in notes)
+
+
+def test_structureclip_hinge_warm_up_is_the_first_steps_of_the_first_epoch(make_cfg, monkeypatch):
+    """As released (`epoch == 0 and i < 100`): at 64 batches an epoch, epoch 1's first step takes the hardest image,
+    not the mean over images."""
+    module, batch = batch_of(make_cfg, "structureclip", *SMALL["structureclip"])
+    at = {"current_epoch": 0, "global_step": 0}
+    for name in at:
+        monkeypatch.setattr(type(module), name, property(lambda self, n=name: at[n]))
+    with torch.no_grad():
+        feats = module.encode(batch)
+
+        def hinge(epoch: int, step: int) -> torch.Tensor:
+            at.update(current_epoch=epoch, global_step=step)
+            return module.loss_terms(batch, feats)["hinge_loss"]
+
+        warm, hard = hinge(0, 50), hinge(0, 100)
+        assert not torch.equal(warm, hard)
+        torch.testing.assert_close(hinge(1, 64), hard)
