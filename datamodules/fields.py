@@ -165,16 +165,23 @@ def graph_texts_field(sample: Sample, caption_index: int, ctx: FieldContext) -> 
     options["triple_attributes"] False), the predicate as the source's captions say it
     (extra["predicate_phrases"]); `triple_hard` (T, 2, L) the swapped triple (subject and object exchanged) and
     the corrupted one (their attributes exchanged), `triple_hard_valid` (T, 2) (False where one reads like the
-    triple itself); `triple_key`, `triple_valid` (T,); `triple_args` (T, 2) subject and object entity slots."""
+    triple itself); `triple_key`, `triple_valid` (T,); `triple_args` (T, 2) subject and object entity slots.
+
+    With options["regions"] (K = options["max_regions"], default 8): `region_box` (K, 4) and `region_valid` (K,),
+    the image's regions with no label, as a segmenter would give them: the boxes of every object of the image's
+    graph (not only the caption's), largest first, in the model input's frame. Nothing ties a region to an entity.
+    Boxes, where known (use_boxes or regions), also drop an entity that lies wholly outside the model's crop."""
     e_max, t_max = ctx.options.get("max_entities", 4), ctx.options.get("max_triples", 4)
     attributes, use_boxes = ctx.options.get("triple_attributes", True), ctx.options.get("use_boxes", True)
+    regions = ctx.options.get("regions", False)
     words, held_out = sample.extra.get("predicate_phrases", {}), sample.extra.get("held_out", ())
     graph = caption_graph_field(sample, caption_index, ctx) or SceneGraph()
     objects = graph.objects[:e_max]
-    boxes = [crop_box(e.box, image_size(sample.image)) if use_boxes and e.box is not None else None for e in objects]
+    boxed = use_boxes or regions
+    boxes = [crop_box(e.box, image_size(sample.image)) if boxed and e.box is not None else None for e in objects]
     # an object whose box lies wholly outside the model's crop is not in the image the model sees: no entity, and
     # no triple of it (else text-driven pooling would find it somewhere)
-    shown = [not (use_boxes and e.box is not None and b is None) for e, b in zip(objects, boxes)]
+    shown = [not (boxed and e.box is not None and b is None) for e, b in zip(objects, boxes)]
     entities = [indefinite(e.phrase()) for e in objects]
     triples, hard, hard_valid, args = [], [], [], []
     for r in [r for r in graph.relations if r.subject < e_max and r.object < e_max
@@ -189,12 +196,14 @@ def graph_texts_field(sample: Sample, caption_index: int, ctx: FieldContext) -> 
         args.append([r.subject, r.object])
     pad = lambda texts, n: texts + [""] * (n - len(texts))  # noqa: E731
     n_e, n_t = len(entities), len(triples)
+    boxes = boxes if use_boxes else [None] * len(boxes)
     return {
         "entity_text": ctx.tokenize(pad(entities, e_max)),
         "entity_key": torch.tensor([phrase_key(t) for t in entities] + [-1] * (e_max - n_e), dtype=torch.long),
         "entity_valid": torch.tensor(shown + [False] * (e_max - n_e)),
         "entity_box": torch.tensor([list(b) if b else [0.0] * 4 for b in boxes] + [[0.0] * 4] * (e_max - n_e)),
         "entity_has_box": torch.tensor([b is not None for b in boxes] + [False] * (e_max - n_e)),
+        **(image_regions(sample, ctx.options.get("max_regions", 8)) if regions else {}),
         "triple_text": ctx.tokenize(pad(triples, t_max)),
         "triple_hard": ctx.tokenize(pad(hard, 2 * t_max)).view(t_max, 2, -1),
         "triple_hard_valid": torch.tensor(hard_valid + [[False, False]] * (t_max - n_t), dtype=torch.bool),
@@ -202,6 +211,17 @@ def graph_texts_field(sample: Sample, caption_index: int, ctx: FieldContext) -> 
         "triple_valid": torch.arange(t_max) < n_t,
         "triple_args": torch.tensor(args + [[0, 0]] * (t_max - n_t), dtype=torch.long).view(t_max, 2),
     }
+
+
+def image_regions(sample: Sample, k_max: int) -> dict[str, torch.Tensor]:
+    """The image's unlabelled regions for MSG-CLIP's `pooling: regions` (see graph_texts_field): every object box of
+    the image's graph inside the model's crop, the k_max largest, largest first (ties in graph order)."""
+    graph = sample.graph or SceneGraph()
+    size = image_size(sample.image)
+    found = [b for b in (crop_box(e.box, size) for e in graph.objects if e.box is not None) if b is not None]
+    found = sorted(found, key=lambda b: -round((b[2] - b[0]) * (b[3] - b[1]), 9))[:k_max]  # equal sizes: graph order
+    return {"region_box": torch.tensor([list(b) for b in found] + [[0.0] * 4] * (k_max - len(found))).view(k_max, 4),
+            "region_valid": torch.arange(k_max) < len(found)}
 
 
 # the rows of the graph-text table, in order: each (B, ..., L) field flattened to (N_i, L)
@@ -212,13 +232,17 @@ def graph_text_table(batch: dict[str, Any]) -> dict[str, Any]:
     """What MSG-CLIP's step needs to encode each distinct text of a batch once (a batch of the shapes world holds
     17 texts per image, mostly repeats): `graph_unique` (U, L) the distinct rows of the GRAPH_TEXT_ROWS fields
     stacked in that order, `graph_inverse` (N,) the row of `graph_unique` that each stacked text is, and
-    `entity_unboxed`, a Python bool (it stays on the host): whether any real entity of the batch lacks a box.
-    Made on the host where the batch is collated (the loader's workers), after any caption cut: on the device,
-    `torch.unique` and the box test would each make the host wait for the device to learn their answer."""
+    `entity_unboxed`, a Python bool (it stays on the host): whether any real entity of the batch lacks a box, and
+    with regions `image_regionless`, whether any image has none. Made on the host where the batch is collated (the
+    loader's workers), after any caption cut: on the device, `torch.unique` and the box test would each make the
+    host wait for the device to learn their answer."""
     tokens = torch.cat([batch[k].flatten(0, -2) for k in GRAPH_TEXT_ROWS])  # (N, L)
     unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)  # (U, L), (N,)
     unboxed = bool((batch["entity_valid"] & ~batch["entity_has_box"]).any())
-    return {"graph_unique": unique, "graph_inverse": inverse, "entity_unboxed": unboxed}
+    table = {"graph_unique": unique, "graph_inverse": inverse, "entity_unboxed": unboxed}
+    if "region_valid" in batch:
+        table["image_regionless"] = bool((~batch["region_valid"].any(-1)).any())
+    return table
 
 
 # a key of a collated batch -> what the batch gains from it, computed over the whole batch after any caption cut

@@ -6,12 +6,18 @@ choice the abstract leaves open is a config key (configs/method/msgclip.yaml say
   texts from the `graph_texts` field: entities ("a red circle") and triples ("a red circle to the left of a
   blue square"), encoded with the captions in one text-tower call, each distinct text once.
 - Image graph: the vision tower's patch tokens through CLIP's own `ln_post` and `proj` (one pass with the
-  pooled feature). An entity's region is its box's patch coverage where the sample has a box; elsewhere the
-  patches pooled by the entity text's own attention (softmax of cosine / `pool_temperature`).
-- EMA: with boxes, each text entity against every image entity of the global batch, both ways; without, a
-  multiple-instance contrast over images (methods.md). TRA: the union of the two entities' regions must pick
-  the triple over its swapped and attribute-swapped versions and the batch's other triples. Both at a fixed
-  temperature; same-phrase entities and triples elsewhere in the batch are never negatives.
+  pooled feature). `pooling` says how an entity finds its region:
+  - `regions` (default; methods.md's EMA, "no grounding labels"): the image's regions carry no label (the boxes
+    of all its objects, as a segmenter's masks would be, `fields.image_regions`); an entity's score in image j is
+    its best region there (max of cosines), and its region in its own image is that arg-max. An image with no
+    regions (a source without boxes, or random crops) falls back to `text`.
+  - `boxes`: each entity's own box (ground-truth grounding: a signal the other methods do not get; the lab's
+    default before 2026-12-06, then called `auto`), text-driven attention where an entity has no box.
+  - `text`: the patches pooled by the entity text's own attention (softmax of cosine / `pool_temperature`).
+- EMA: a multiple-instance contrast of each text entity over the images of the global batch, both ways (with
+  `boxes`, each text entity against every boxed image entity instead). TRA: the union of the two entities'
+  regions must pick the triple over its swapped and attribute-swapped versions and the batch's other triples.
+  Both at a fixed temperature; same-phrase entities and triples elsewhere in the batch are never negatives.
 - The global contrastive loss stays; `entity_weight` / `triple_weight` 0 switch a term off (0 and 0 is the
   baseline, vanilla CLIP on the same data). Inference uses the plain towers.
 """
@@ -27,11 +33,12 @@ from torch import Tensor
 from datamodules.fields import GRAPH_TEXT_ROWS
 from methods.base import METHODS, ContrastiveMethod, dist_info
 from methods.losses import entity_alignment_loss, pooled_entity_alignment_loss, triple_alignment_loss
-from methods.regions import patch_coverage, pool, text_attention, text_pooled_scores, union
+from methods.regions import patch_coverage, pool, region_max_scores, text_attention, text_pooled_scores, union
 from methods.towers import check_patch_tokens, encode_image_tokens, encode_text_tokens
 
 HARD_NEGATIVES = ("swapped", "corrupted")  # the columns of the `triple_hard` field, in order
-POOLINGS = ("auto", "text")
+POOLINGS = ("regions", "boxes", "text")
+LEGACY_POOLINGS = {"auto": "boxes"}  # what runs made before 2026-12-06 call the entity's own box
 
 
 @METHODS.register("msgclip")
@@ -44,7 +51,8 @@ class MSGCLIP(ContrastiveMethod):
         entity_weight: float = 0.5  # lambda_E of EMA; 0: off
         triple_weight: float = 0.5  # lambda_T of TRA; 0: off
         temperature: float = 0.07  # of EMA and TRA (fixed)
-        pooling: str = "auto"  # auto: boxes where a sample has them, text-driven attention elsewhere; text: never boxes
+        pooling: str = "regions"  # regions: unlabelled regions, best match; boxes: each entity's own box; text: none
+        max_regions: int = 8  # regions an image offers (methods.md: K <= 8), the largest
         pool_temperature: float = 0.07  # of the text-driven attention over patches
         triple_attributes: bool = True  # triples name their entities with attributes
         hard_negatives: list[str] = field(default_factory=lambda: list(HARD_NEGATIVES))
@@ -54,7 +62,8 @@ class MSGCLIP(ContrastiveMethod):
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg)
-        if self.mcfg.pooling not in POOLINGS:
+        self.pooling = LEGACY_POOLINGS.get(self.mcfg.pooling, self.mcfg.pooling)
+        if self.pooling not in POOLINGS:
             raise ValueError(f"msgclip: unknown pooling '{self.mcfg.pooling}'; available: {', '.join(POOLINGS)}")
         unknown = set(self.mcfg.hard_negatives) - set(HARD_NEGATIVES)
         if unknown:
@@ -71,9 +80,10 @@ class MSGCLIP(ContrastiveMethod):
 
     def field_options(self) -> dict[str, Any]:
         # random crops move objects off their boxes: then every region is found by the entity's text
-        boxes = self.mcfg.pooling == "auto" and not self.cfg.data.augment
+        boxes = not self.cfg.data.augment
         return {"max_entities": self.mcfg.max_entities, "max_triples": self.mcfg.max_triples,
-                "triple_attributes": self.mcfg.triple_attributes, "use_boxes": boxes}
+                "triple_attributes": self.mcfg.triple_attributes, "use_boxes": boxes and self.pooling == "boxes",
+                "regions": boxes and self.pooling == "regions", "max_regions": self.mcfg.max_regions}
 
     def encode(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Captions, entities, triples and their hard negatives in one text call; images with their patches."""
@@ -97,11 +107,23 @@ class MSGCLIP(ContrastiveMethod):
         if not self.fields():
             return terms
         patches, ent = feats["patches"], feats["entity_features"]  # (B, P, D), (B, E, D)
-        boxed = batch["entity_has_box"] & batch["entity_valid"]  # (B, E)
         attention = text_attention(ent, patches, self.mcfg.pool_temperature)  # (B, E, P)
-        weights = torch.where(boxed[..., None], patch_coverage(batch["entity_box"], self.grid), attention)  # (B, E, P)
-        if self.mcfg.entity_weight > 0:
-            terms["entity_loss"] = self.mcfg.entity_weight * self.entity_loss(batch, feats, pool(weights, patches), boxed)
+        if "region_box" in batch:  # pooling: regions
+            region_weights = patch_coverage(batch["region_box"].to(patches.dtype), self.grid)  # (B, K, P)
+            regions = pool(region_weights, patches)  # (B, K, D)
+            # each entity's region in its own image: its best match among the image's regions
+            own = torch.einsum("bed,bkd->bek", ent, regions).masked_fill(~batch["region_valid"][:, None, :], -1.0)
+            best = own.argmax(-1)  # (B, E)
+            picked = region_weights.gather(1, best[..., None].expand(-1, -1, region_weights.shape[-1]))  # (B, E, P)
+            weights = torch.where(batch["region_valid"].any(-1)[:, None, None], picked, attention)  # (B, E, P)
+            if self.mcfg.entity_weight > 0:
+                terms["entity_loss"] = self.mcfg.entity_weight * self.region_entity_loss(batch, feats, regions)
+        else:
+            boxed = batch["entity_has_box"] & batch["entity_valid"]  # (B, E)
+            weights = torch.where(boxed[..., None], patch_coverage(batch["entity_box"], self.grid), attention)
+            if self.mcfg.entity_weight > 0:
+                terms["entity_loss"] = self.mcfg.entity_weight * self.entity_loss(batch, feats, pool(weights, patches),
+                                                                                  boxed)
         if self.mcfg.triple_weight > 0:
             evidence = pool(union(weights, batch["triple_args"]), patches).flatten(0, 1)  # (BT, D)
             terms["triple_loss"] = self.mcfg.triple_weight * self.triple_loss(batch, feats, evidence)
@@ -131,6 +153,32 @@ class MSGCLIP(ContrastiveMethod):
                 t2i, i2t, owner + rank * b, all_owner, key, all_key, all_key.view(-1, e), valid - boxed,
                 all_valid - all_boxed, scale, rank, denominator)
         return loss
+
+    def region_entity_loss(self, batch: dict[str, Any], feats: dict[str, Tensor], regions: Tensor) -> Tensor:
+        """EMA with unlabelled regions (methods.md): s(e, j) = max over image j's regions of cosine(t_e, r), a
+        multiple-instance contrast over the images of the global batch both ways; an image with no region scores
+        by text-driven pooling instead."""
+        rank, world = dist_info()
+        ent = feats["entity_features"]
+        b, e = ent.shape[:2]
+        ent, key, valid = ent.flatten(0, 1), batch["entity_key"].flatten(), batch["entity_valid"].flatten().float()
+        all_ent, all_key, all_valid = (self.gather(x) for x in (ent, key, valid))
+        region_valid = batch["region_valid"].float()  # (B, K)
+        all_regions, all_region_valid = self.gather(regions), self.gather(region_valid) > 0.5  # (W*B, K, D), (W*B, K)
+        owner = torch.arange(b * e, device=ent.device) // e  # (BE,) this rank's image of each entity
+        t2i = region_max_scores(ent, all_regions, all_region_valid)  # (BE, W*B)
+        i2t = region_max_scores(all_ent, regions, region_valid > 0.5).index_select(1, owner).T  # (BE, W*BE)
+        # whether some image has no region: told by the batch on one process; under DDP every rank takes the branch
+        if batch["image_regionless"] or world > 1:
+            patches = feats["patches"]
+            t2i = torch.where(all_region_valid.any(-1)[None, :], t2i,
+                              text_pooled_scores(ent, self.gather(patches), self.mcfg.pool_temperature))
+            pooled = text_pooled_scores(all_ent, patches, self.mcfg.pool_temperature).index_select(1, owner).T
+            i2t = torch.where((region_valid > 0.5).any(-1).index_select(0, owner)[:, None], i2t, pooled)
+        all_owner = torch.arange(len(all_ent), device=ent.device) // e  # (W*BE,)
+        denominator = all_valid.sum().clamp(min=1) / world
+        return pooled_entity_alignment_loss(t2i, i2t, owner + rank * b, all_owner, key, all_key, all_key.view(-1, e),
+                                            valid, all_valid, 1.0 / self.mcfg.temperature, rank, denominator)
 
     def triple_loss(self, batch: dict[str, Any], feats: dict[str, Tensor], evidence: Tensor) -> Tensor:
         """TRA over the global batch, with each triple's own hard negatives."""

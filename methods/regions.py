@@ -56,3 +56,11 @@ def text_pooled_scores(texts: Tensor, patches: Tensor, temperature: float) -> Te
     gram = patches @ patches.transpose(1, 2)  # (B, P, D) @ (B, D, P) -> (B, P, P)
     norm2 = torch.einsum("nbp,bpq,nbq->nb", att, gram, att)  # (N, B)
     return (att * along).sum(-1) / norm2.clamp(min=1e-24).sqrt()  # (N, B)
+
+
+def region_max_scores(texts: Tensor, regions: Tensor, valid: Tensor) -> Tensor:
+    """Each text's best region in each image, max_k cosine(t_n, r_bk) over image b's valid regions: texts (N, D)
+    and regions (B, K, D) normalised, valid (B, K) -> (N, B). An image with no valid region scores -1 (the lowest
+    cosine; the caller scores such images another way)."""
+    sims = torch.einsum("nd,bkd->nbk", texts, regions)  # (N, B, K)
+    return sims.masked_fill(~valid[None], -1.0).amax(-1)

@@ -168,8 +168,15 @@ def test_graph_texts_field_says_what_the_graph_says(msg):
     assert [decode(item["entity_text"][i]) for i in range(2)] == [article(a.phrase()), article(b.phrase())]
     assert item["entity_valid"].tolist() == [True, True, False, False]
     assert item["entity_key"][0] == phrase_key(article(a.phrase())) and item["entity_key"][2] == -1
-    torch.testing.assert_close(item["entity_box"][0], torch.tensor([a.box[0], a.box[1], a.box[0] + a.box[2],
-                                                                      a.box[1] + a.box[3]]) / 32)
+    # pooling: regions (the default): no entity has a box; the image offers every object's box, largest first, and
+    # nothing says which entity is which region
+    assert not item["entity_has_box"].any() and not item["entity_box"].any()
+    frame = lambda e: torch.tensor([e.box[0], e.box[1], e.box[0] + e.box[2], e.box[1] + e.box[3]]) / 32  # noqa: E731
+    by_area = sorted(sample.graph.objects, key=lambda e: -e.box[2] * e.box[3])
+    n = len(by_area)
+    assert item["region_valid"].tolist() == [True] * n + [False] * (8 - n)
+    torch.testing.assert_close(item["region_box"][:n], torch.stack([frame(e) for e in by_area]))
+    assert {tuple(frame(x).tolist()) for x in (a, b)} <= {tuple(r.tolist()) for r in item["region_box"][:n]}
     (r,) = g.relations
     words = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
     s, o = g.objects[r.subject], g.objects[r.object]
@@ -203,12 +210,14 @@ def test_no_parameter_is_added_and_zero_weights_are_vanilla_clip(make_cfg):
     torch.testing.assert_close(loss, clip.training_loss(batch)[0])
 
 
-@pytest.mark.parametrize("argv", [["method.pooling=text"], ["method.triple_attributes=false", "method.hard_negatives=[swapped]"]])
+@pytest.mark.parametrize("argv", [["method.pooling=text"], ["method.pooling=boxes"], ["method.pooling=auto"],
+                                  ["method.triple_attributes=false", "method.hard_negatives=[swapped]"]])
 def test_variants_take_a_finite_step(make_cfg, argv):
     module, dm = build(make_cfg("method=msgclip", *argv))
     random.seed(0)
     batch = collate([dm.dataset("train")[i] for i in range(8)])
-    assert batch["entity_has_box"].any() == (argv[0] != "method.pooling=text")
+    assert batch["entity_has_box"].any() == (argv[0] in ("method.pooling=boxes", "method.pooling=auto"))
+    assert ("region_box" in batch) == argv[0].startswith("method.triple")  # the default pooling: regions
     loss, terms = module.training_loss(batch)
     assert torch.isfinite(loss) and {"entity_loss", "triple_loss"} <= set(terms)
     loss.backward()
@@ -216,8 +225,8 @@ def test_variants_take_a_finite_step(make_cfg, argv):
 
 
 def test_bad_options_are_named(make_cfg):
-    with pytest.raises(ValueError, match="unknown pooling 'boxes'; available: auto, text"):
-        build(make_cfg("method=msgclip", "method.pooling=boxes"))
+    with pytest.raises(ValueError, match="unknown pooling 'box'; available: regions, boxes, text"):
+        build(make_cfg("method=msgclip", "method.pooling=box"))
     with pytest.raises(ValueError, match="unknown hard negatives.*available: swapped, corrupted"):
         build(make_cfg("method=msgclip", "method.hard_negatives=[reversed]"))
 
@@ -244,3 +253,53 @@ def test_an_object_outside_the_models_crop_is_no_entity_and_in_no_triple():
     assert out["entity_has_box"].tolist() == [True, False, True, False]
     assert out["triple_valid"].tolist() == [True, False, False, False]
     assert out["triple_args"][0].tolist() == [0, 2]  # "a man on a bench"; the dog's triple is left out
+
+
+def test_region_max_scores_by_hand():
+    from methods.regions import region_max_scores
+
+    texts, regions = unit(3, 4, seed=1), unit(2, 3, 4, seed=2)
+    valid = torch.tensor([[True, False, True], [False, False, False]])
+    got = region_max_scores(texts, regions, valid)
+    for n in range(3):
+        assert math.isclose(got[n, 0].item(), max(float(texts[n] @ regions[0, k]) for k in (0, 2)), rel_tol=1e-12)
+        assert got[n, 1].item() == -1.0  # no region: the caller scores the image another way
+
+
+def test_regions_carry_no_label(msg):
+    """pooling: regions reads no entity's box, and the order of an image's regions changes nothing."""
+    module, _, batch = msg
+    torch.manual_seed(0)
+    with torch.no_grad():
+        loss, terms = module.training_loss(batch)
+        shuffled = dict(batch)
+        order = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(i)) for i in range(8)])
+        shuffled["region_box"] = batch["region_box"].gather(1, order[..., None].expand(-1, -1, 4))
+        shuffled["region_valid"] = batch["region_valid"].gather(1, order)
+        shuffled["entity_box"] = torch.rand_like(batch["entity_box"])
+        shuffled["entity_has_box"] = torch.ones_like(batch["entity_has_box"])
+        loss2, terms2 = module.training_loss(shuffled)
+    assert batch["region_valid"].sum(1).ge(2).all() and not batch["image_regionless"]
+    for k in ("entity_loss", "triple_loss"):
+        torch.testing.assert_close(terms2[k], terms[k])
+
+
+def test_images_without_regions_score_as_pooling_text(make_cfg):
+    """An image with no region falls back to the entity text's attention: with none anywhere, both terms equal
+    pooling: text's on the same weights and batch."""
+    torch.manual_seed(0)
+    regions, dm = build(make_cfg("method=msgclip"))
+    torch.manual_seed(0)
+    text, _ = build(make_cfg("method=msgclip", "method.pooling=text"))
+    random.seed(0)
+    batch = collate([dm.dataset("train")[i] for i in range(8)])
+    none = dict(batch, region_valid=torch.zeros_like(batch["region_valid"]), image_regionless=True)
+    plain = {k: v for k, v in batch.items() if k not in ("region_box", "region_valid", "image_regionless")}
+    with torch.no_grad():
+        _, got = regions.training_loss(none)
+        _, want = text.training_loss(plain)
+        _, mixed = regions.training_loss(dict(batch, region_valid=batch["region_valid"] & (torch.arange(8) < 4)[:, None],
+                                              image_regionless=True))
+    for k in ("entity_loss", "triple_loss"):
+        torch.testing.assert_close(got[k], want[k])
+        assert torch.isfinite(mixed[k])
