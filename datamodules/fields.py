@@ -15,7 +15,7 @@ import torch
 from configs.registry import Registry
 from datamodules.decoded import image_size
 from datamodules.graph import Box, Entity, SceneGraph, indefinite
-from datamodules.negatives import mentions
+from datamodules.negatives import mentions, symmetric
 from datamodules.source import Sample, Source
 
 
@@ -192,7 +192,9 @@ def graph_texts_field(sample: Sample, caption_index: int, ctx: FieldContext) -> 
         corrupt = relation_text(Entity(s.name, o.attributes), p, Entity(o.name, s.attributes), attributes)
         triples.append(text)
         hard += [swapped, corrupt]
-        hard_valid.append([swapped != text, corrupt != text and not mentions(corrupt, held_out)])
+        # a symmetric predicate's swap is still true of the image ("a dog next to a cat"): no negative
+        hard_valid.append([swapped != text and not symmetric(r.predicate) and not symmetric(p),
+                           corrupt != text and not mentions(corrupt, held_out)])
         args.append([r.subject, r.object])
     pad = lambda texts, n: texts + [""] * (n - len(texts))  # noqa: E731
     n_e, n_t = len(entities), len(triples)

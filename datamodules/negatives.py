@@ -13,6 +13,17 @@ import numpy as np
 from datamodules.graph import Relation, SceneGraph
 
 
+# Predicates whose subject and object can trade places with the relation still true ("a man next to a woman" is
+# "a woman next to a man"): swapping them makes no negative. Spatial proximity only; a verb before them ("sitting
+# next to") is not symmetric (the other may be standing).
+SYMMETRIC_PREDICATES = frozenset({"next to", "near", "beside", "by", "close to", "touching", "adjacent to",
+                                  "alongside", "near to", "nearby", "beside each other", "next to each other"})
+
+
+def symmetric(predicate: str) -> bool:
+    return " ".join(predicate.lower().split()) in SYMMETRIC_PREDICATES
+
+
 def swap_relation(graph: SceneGraph, index: int = 0) -> SceneGraph:
     """The graph with relation `index`'s subject and object exchanged ("a left of b" -> "b left of a")."""
     r = graph.relations[index]

@@ -303,3 +303,25 @@ def test_images_without_regions_score_as_pooling_text(make_cfg):
     for k in ("entity_loss", "triple_loss"):
         torch.testing.assert_close(got[k], want[k])
         assert torch.isfinite(mixed[k])
+
+
+def test_a_symmetric_predicates_swap_is_no_hard_negative():
+    """'a dog next to a cat' swapped is still true of the image: TRA does not push it away (a directed predicate's
+    swap, 'a dog on a bench' -> 'a bench on a dog', stays a hard negative)."""
+    import random as stdlib_random
+
+    from PIL import Image
+
+    from datamodules.fields import FieldContext, graph_texts_field
+    from datamodules.graph import Entity, Relation, SceneGraph
+    from datamodules.source import Sample
+
+    graph = SceneGraph((Entity("dog"), Entity("cat"), Entity("bench")),
+                       (Relation(0, "next to", 1), Relation(0, "on", 2), Relation(1, "Near", 2)))
+    sample = Sample(image=Image.new("RGB", (64, 64)), captions=["a dog next to a cat, on a bench"], graph=graph,
+                    key="k", extra={"caption_graphs": [graph]})
+    ctx = FieldContext(tokenize=lambda ts, **kw: torch.zeros(len(ts), 8, dtype=torch.long), rng=stdlib_random.Random(0),
+                       split="train", source=None, transform=None, index=0, options={})
+    out = graph_texts_field(sample, 0, ctx)
+    assert out["triple_valid"][:3].all()
+    assert out["triple_hard_valid"][:3, 0].tolist() == [False, True, False]
