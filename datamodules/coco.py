@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from datamodules.images import BadInput
-from datamodules.jsonstream import iter_json_array
+from datamodules.jsonstream import iter_json_array, read_text
 from datamodules.parse import CaptionParser, ParsedCaption, ParserConfig
 from datamodules.records import Bad, RecordsConfig, RecordSource, file_stat, norm_id
 from datamodules.source import SOURCES, Sample
@@ -256,7 +256,7 @@ class Coco2017(CaptionSource):
     def parse_file(path: Path, split: str, folder: str) -> Iterator[dict[str, Any] | Bad]:
         """Records of one captions_*.json: captions grouped by image in file order."""
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise BadInput(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
         if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations")):
@@ -273,6 +273,9 @@ class Coco2017(CaptionSource):
         for k, a in enumerate(data["annotations"]):
             image_id = a.get("image_id") if isinstance(a, dict) else None
             caption = a.get("caption") if isinstance(a, dict) else None
+            if image_id is not None and type(image_id) is not int:  # a list or dict is no id (and unhashable)
+                yield Bad(f"{path}: annotations[{k}]: 'image_id' must be an int, got {str(image_id)[:60]}", split)
+                continue
             if image_id not in images:
                 yield Bad(f"{path}: annotations[{k}]: 'image_id' {image_id!r} is not in 'images'", split, image_id)
             elif not isinstance(caption, str) or not caption.strip():

@@ -194,15 +194,18 @@ class CaptionDataModule(L.LightningDataModule):
 
     def check(self) -> None:
         """What can be known of the data before a run folder is made: the source's annotation files are there (a
-        record source's `inputs`, when not read from the hub) and its options hold (a source that is `made_cheaply`
-        is made for `train`, which checks them). Raises ConfigError naming the file or the option."""
+        record source's `inputs`, when not read from the hub), its `exclude_ids` files are there and readable, and
+        its options hold (a source that is `made_cheaply` is made for `train`, which checks them). Raises
+        ConfigError naming the file or the option."""
         from configs import ConfigError
+        from datamodules.records import read_ids
 
         source, opts = SOURCES.get(self.cfg.source), source_options(self.cfg)
         try:
             if hasattr(source, "inputs"):
                 if not getattr(opts, "hf_id", None):
                     source.inputs(opts)
+                read_ids(list(getattr(opts, "exclude_ids", None) or []))
             elif getattr(source, "made_cheaply", False):
                 self.check_fit(source(opts, "train"))
         except (FileNotFoundError, ValueError) as e:

@@ -6,10 +6,11 @@ deterministic Resize (open_clip's: bicubic, shorter side to the model's size), s
 (centre crop, ToTensor, Normalize) gives the same tensor to the bit: Resize of an image already at that size
 returns it as it is. It does not apply to random crops (`data.augment=true`), which need the original pixels.
 
-One file per image under `<cache_dir>/decoded/<the Resize>/`, named by the file's path, size and mtime (a
-changed file is decoded again), written to a temporary name and renamed, so workers and ranks can fill it at
-once. A cached image carries the original size in `image.info["original_size"]`: boxes are in the original
-pixels (`image_size`). A cache file that cannot be read is decoded and written again.
+One file per image under `<cache_dir>/decoded/<the Resize, Pillow's and torchvision's versions>/` (another
+Pillow decodes a JPEG or resamples differently; another torchvision resizes differently), named by the file's
+path, size and mtime (a changed file is decoded again), written to a temporary name and renamed, so workers and
+ranks can fill it at once. A cached image carries the original size in `image.info["original_size"]`: boxes are
+in the original pixels (`image_size`). A cache file that cannot be read is decoded and written again.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
+import torchvision
 from PIL import Image
 from torchvision import transforms as T
 
@@ -46,7 +49,8 @@ class DecodedCache:
 
     def __init__(self, cache_dir: str | Path, resize: T.Resize) -> None:
         self.resize = resize
-        tag = f"resize-{resize.size}-{resize.interpolation.value}-{resize.max_size}-{resize.antialias}"
+        tag = (f"resize-{resize.size}-{resize.interpolation.value}-{resize.max_size}-{resize.antialias}"
+               f"-pil{PIL.__version__}-tv{torchvision.__version__}")
         self.folder = Path(cache_dir) / "decoded" / "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
         self.hits = self.misses = 0  # this process's (each worker counts its own)
 

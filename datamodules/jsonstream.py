@@ -2,10 +2,12 @@
 each, Karpathy's dataset_coco.json to 400 MB): memory holds one element, not the whole document.
 
 A file that is not JSON, or ends inside an element (a truncated download), is a BadInput that names the
-file, the element and the character where reading stopped; no skip_bad can skip it.
+file, the element and the character where reading stopped; one that is not UTF-8 text names the byte; no skip_bad
+can skip either.
 """
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,23 +18,44 @@ CHUNK = 1 << 20
 _WS = " \t\n\r"
 
 
+def not_utf8(path: str | Path, offset: int, reason: str) -> BadInput:
+    """The error for a file that is not UTF-8 text, naming the file and the first byte that is not."""
+    return BadInput(f"{path}: byte {offset}: not UTF-8 text ({reason}); a JSON or TSV annotation file must be UTF-8")
+
+
+def read_text(path: str | Path) -> str:
+    """A whole file as UTF-8 text; bytes that are not UTF-8 are a BadInput naming the file and the byte offset."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e.start, e.reason) from None
+
+
 class _Reader:
-    """A growing text buffer over a file, with a read position."""
+    """A growing text buffer over a file (opened in binary, decoded here as UTF-8), with a read position."""
 
     def __init__(self, f: Any, path: Path) -> None:
         self.f, self.path, self.buf, self.pos, self.base, self.eof = f, path, "", 0, 0, False
+        self.decoder, self.read_bytes = codecs.getincrementaldecoder("utf-8")(), 0
 
     def more(self) -> bool:
         if self.eof:
             return False
         data = self.f.read(CHUNK)
+        pending = len(self.decoder.getstate()[0])  # bytes of a character cut by the previous chunk's end
+        try:
+            text = self.decoder.decode(data, final=not data)
+        except UnicodeDecodeError as e:  # e.start counts from the pending bytes, then this chunk's
+            raise not_utf8(self.path, self.read_bytes - pending + e.start, e.reason) from None
+        self.read_bytes += len(data)
         if not data:
             self.eof = True
             return False
         if self.pos > CHUNK:  # drop what has been consumed
             self.base += self.pos
             self.buf, self.pos = self.buf[self.pos:], 0
-        self.buf += data
+        self.buf += text
         return True
 
     def peek(self) -> str:
@@ -73,7 +96,7 @@ def iter_json_array(path: str | Path, key: str | None = None) -> Iterator[tuple[
     top-level object (`{"images": [...]}`); other keys of that object are read past."""
     path = Path(path)
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         r = _Reader(f, path)
         if key is not None:
             r.expect("{", "the top level")

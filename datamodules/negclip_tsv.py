@@ -2,18 +2,21 @@
 
 A TAB-separated file with a header; the first column is an unnamed row id; `title` is the caption,
 `filepath` the image (relative to `image_root`), `neg_caption` a Python-literal list of hard negative
-captions, `neg_image` a Python-literal list of row ids of hard negative images in the same file.
+captions (none empty), `neg_image` a non-empty Python-literal list of row ids of hard negative images in the same
+file. A row that breaks this stops reading with its file and line.
 """
 from __future__ import annotations
 
 import ast
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from configs.checks import Rule, existing_dir, existing_file
 from datamodules.images import load_image
+from datamodules.jsonstream import read_text
 from datamodules.source import SOURCES, Sample
 
 COLUMNS = ("title", "filepath", "neg_caption", "neg_image")
@@ -34,7 +37,7 @@ def read_negclip_tsv(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: NegCLIP TSV not found")
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(path), newline="") as f:  # (read_text: bytes that are not UTF-8 name the offset)
         # pandas' to_csv wrote it: a field holding a quote character is quoted, with its quotes doubled (the
         # released file's lists of captions with an apostrophe are), which csv's default dialect reads back
         reader = csv.reader(f, delimiter="\t")
@@ -51,12 +54,21 @@ def read_negclip_tsv(path: str | Path) -> list[dict[str, Any]]:
             title = fields[col["title"]].strip()
             if not title:
                 raise ValueError(f"{where}: empty caption in column 'title'")
+            negatives = _literal(fields[col["neg_caption"]], str, where, "neg_caption")
+            empty = [j for j, n in enumerate(negatives) if not n.strip()]
+            if empty:
+                raise ValueError(f"{where}: column 'neg_caption': empty hard negative caption(s) at {empty}: "
+                                 f"{fields[col['neg_caption']][:120]!r}")
+            neighbours = _literal(fields[col["neg_image"]], int, where, "neg_image")
+            if not neighbours:  # NegCLIP's hard image is drawn from this list: an empty one fails in a loader worker
+                raise ValueError(f"{where}: column 'neg_image' is an empty list (each row needs at least one hard "
+                                 "negative image row id)")
             rows.append({
                 "row_id": int(fields[0]) if fields[0].strip().lstrip("-").isdigit() else index,
                 "title": title,
                 "filepath": fields[col["filepath"]],
-                "neg_caption": _literal(fields[col["neg_caption"]], str, where, "neg_caption"),
-                "neg_image": _literal(fields[col["neg_image"]], int, where, "neg_image"),
+                "neg_caption": negatives,
+                "neg_image": neighbours,
                 "where": where,
             })
     position = {r["row_id"]: i for i, r in enumerate(rows)}

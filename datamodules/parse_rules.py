@@ -219,8 +219,9 @@ class _Tree:
             return i
         w, h = self.w[i], self.head(i)
         relative = w.upos == "PRON" and w.lemma.lower() in RELATIVE_PRONOUNS
-        if relative and h is not None and self.w[h].deprel == "acl:relcl":
-            return self.resolve(self.w[h].head)
+        antecedent = self.head(h) if h is not None and self.w[h].deprel == "acl:relcl" else None
+        if relative and antecedent is not None:  # (a root labelled acl:relcl has no antecedent: nothing)
+            return self.resolve(antecedent)
         return None
 
     def resolved(self, words: list[int], expand: bool = True) -> list[int]:

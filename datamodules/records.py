@@ -7,7 +7,11 @@ Sample (`sample`, the one place a Sample is built). This module does the rest, t
 - `prepare(cfg)` (rank 0, from `CaptionDataModule.prepare_data`) parses the files, checks that every image
   exists (with `verify_images`, that it decodes), and writes `records.jsonl` and `meta.json` under
   `<cache_dir>/data/<source>-<key>/`. The key holds the input files' sizes and mtimes, the options that
-  change parsing and a format version; the image folders' mtimes are checked too. Prepared once, a second
+  change parsing and a format version. meta.json also holds the state of every image folder the records name
+  or the source looks in (its mtime, or that it is missing: a folder that appears later counts) and the size
+  and digest of records.jsonl; a changed folder, or a records.jsonl of another size (torn, truncated), makes
+  the cache stale and it is prepared again. meta.json is removed before records.jsonl is rewritten, so a crash
+  between the two leaves no meta.json, never one that describes another records.jsonl. Prepared once, a second
   call returns at once, so every rank may call it.
 - `Source(cfg, split)` reads `meta.json`, keeps the byte offsets of its split's records (minus excluded
   image ids) and applies the skip_bad policy to its split's bad records; a record is read from the JSON-lines
@@ -39,10 +43,15 @@ from configs.files import atomic_open
 from datamodules.decoded import DecodedCache
 from datamodules.hub import load_hf_dataset
 from datamodules.images import BadInput, BadRecords, load_image, require_image_file
+from datamodules.jsonstream import read_text
 from datamodules.source import SPLITS, Sample
 
 log = logging.getLogger(__name__)
 MAX_SUBSTITUTES = 50  # consecutive records tried in place of one whose image fails (skip_bad)
+
+
+class CacheDamaged(RuntimeError):
+    """A prepared-data cache file that cannot be read back (not a BadInput: skip_bad must not skip it)."""
 
 
 @dataclass
@@ -100,29 +109,59 @@ def id_kind(key: str, value: Any, record: dict | None) -> str | None:
 
 
 def read_ids(paths: list[str]) -> ExcludedIds:
-    """(dataset, image id) pairs from files: one id per line, a JSON list of ids, or JSON records (a list, or a dict
+    """(dataset, image id) pairs from files: one id per line, a JSON list of ids, JSON records (a list, or a dict
     of them as SugarCrepe ships) with an id or a file name (ARO's `image_id` / `image_path`, SugarCrepe's
-    `filename`, BLIP's `image`); the dataset as `id_kind` tells it. A Visual Genome image that is also a COCO
-    image is left out by its COCO id, and a COCO id never leaves out the VG image that has the same number."""
+    `filename`, BLIP's `image`), or JSON lines (`.jsonl`: one record or id per line); the dataset as `id_kind`
+    tells it. A Visual Genome image that is also a COCO image is left out by its COCO id, and a COCO id never
+    leaves out the VG image that has the same number. A file that is none of these is a BadInput naming the
+    file and the record."""
     ids: ExcludedIds = set()
     for name in paths:
         path = Path(name)
         if not path.is_file():
             raise FileNotFoundError(f"exclude_ids: file not found: {path}")
-        if path.suffix != ".json":
-            ids.update((id_kind("", line, None), norm_id(line)) for line in path.read_text().split() if line.strip())
-            continue
-        items = json.loads(path.read_text())
-        items = list(items.values()) if isinstance(items, dict) else items
-        for k, item in enumerate(items):
-            key, record = "", None
-            if isinstance(item, dict):
-                key = next((key for key in ID_KEYS if item.get(key) not in (None, "")), None)
-                if key is None:
-                    raise BadInput(f"{path}: [{k}]: no image id (looked for {', '.join(ID_KEYS)})")
-                record, item = item, item[key]
-            ids.add((id_kind(key, item, record), norm_id(item)))
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            for n, line in enumerate(read_text(path).splitlines(), 1):
+                if line.strip():
+                    try:
+                        item = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise BadInput(f"{path}:{n}: malformed JSON at column {e.colno}: {e.msg}") from None
+                    ids.add(_excluded_id(item, f"{path}:{n}"))
+        elif suffix == ".json":
+            try:
+                items = json.loads(read_text(path))
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            if isinstance(items, dict):  # SugarCrepe's {"0": {record}, ...}
+                for k, item in items.items():
+                    if not isinstance(item, dict):
+                        raise BadInput(f"{path}: [{k!r}]: a JSON object's values must be records (objects), got "
+                                       f"{str(item)[:60]}")
+                    ids.add(_excluded_id(item, f"{path}: [{k!r}]"))
+            elif isinstance(items, list):
+                ids.update(_excluded_id(item, f"{path}: [{k}]") for k, item in enumerate(items))
+            else:
+                raise BadInput(f"{path}: exclude_ids needs a JSON list (of ids or records) or an object of records, "
+                               f"got a {type(items).__name__}: {str(items)[:60]}")
+        else:
+            ids.update((id_kind("", line, None), norm_id(line)) for line in read_text(path).split() if line.strip())
     return ids
+
+
+def _excluded_id(item: Any, where: str) -> tuple[str | None, str]:
+    """(dataset, id) of one entry of an exclude file: a bare id (a string or an int), or a record holding one."""
+    key, record = "", None
+    if isinstance(item, dict):
+        key = next((key for key in ID_KEYS if item.get(key) not in (None, "")), None)
+        if key is None:
+            raise BadInput(f"{where}: no image id (looked for {', '.join(ID_KEYS)})")
+        record, item = item, item[key]
+    if isinstance(item, bool) or not isinstance(item, (str, int)) or (isinstance(item, str) and not item.strip()):
+        what = f"'{key}'" if key else "an entry"
+        raise BadInput(f"{where}: {what} must be an image id (a string or an int) or a record, got {str(item)[:60]}")
+    return id_kind(key, item, record), norm_id(item)
 
 
 def is_excluded(kind: str | None, rid: Any, others: dict[str, Any] | None, excluded: ExcludedIds) -> bool:
@@ -156,7 +195,8 @@ class RecordSource:
     name: ClassVar[str] = ""
     id_kind: ClassVar[str | None] = None  # the dataset whose image ids `id` holds ("coco", "flickr", "vg")
     Config: ClassVar[type] = RecordsConfig
-    FORMAT_VERSION: ClassVar[int] = 2  # 2: meta.json holds each record's ids in other datasets
+    # 2: meta.json holds each record's ids in other datasets; 3: missing image folders and records.jsonl's size
+    FORMAT_VERSION: ClassVar[int] = 3
     offered_splits: ClassVar[tuple[str, ...]] = SPLITS
     cache_options: ClassVar[tuple[str, ...]] = ()  # options (besides the files) that change what `read` yields
 
@@ -189,6 +229,12 @@ class RecordSource:
         """What `annotate` depends on besides the records (e.g. the parser's version), for the cache key."""
         return None
 
+    @classmethod
+    def image_folders(cls, cfg: Any) -> list[str]:
+        """Folders under root that `read` looks for images in, besides those the records name: their state (there
+        or not, mtime) is part of the cache's freshness. None by default (Visual Genome: VG_100K, VG_100K_2)."""
+        return []
+
     # -- preparing the cache (once, on rank 0) ---------------------------------------------------------
     @classmethod
     def hub_datasets(cls, cfg: Any) -> dict[str, Any]:
@@ -210,12 +256,27 @@ class RecordSource:
 
     @staticmethod
     def _fresh(folder: Path) -> bool:
-        """meta.json is there and no image folder changed since (a fixed or added image re-prepares)."""
+        """meta.json is there, records.jsonl has the size meta.json gives it, and no image folder changed since,
+        appeared or went (a fixed or added image, or a folder unzipped later, re-prepares)."""
         try:
             meta = json.loads((folder / "meta.json").read_text())
-        except (OSError, ValueError):
+            dirs, size = dict(meta["image_dirs"]), int(meta["records_size"])
+        except (OSError, ValueError, KeyError, TypeError):
             return False
-        return all(os.path.isdir(d) and os.stat(d).st_mtime_ns == t for d, t in meta["image_dirs"].items())
+        try:
+            actual = os.stat(folder / "records.jsonl").st_size
+        except OSError:
+            actual = None
+        if actual != size:
+            log.warning("%s: %s, meta.json gives %d bytes (a torn or truncated cache): prepared again",
+                        folder / "records.jsonl", "missing" if actual is None else f"{actual} bytes", size)
+            return False
+        return all(_dir_state(d) == t for d, t in dirs.items())
+
+    @classmethod
+    def _dir_states(cls, cfg: Any, folders: Any) -> dict[str, int | None]:
+        """Resolved folder (under root) -> its mtime_ns, or None where it is not there (yet)."""
+        return {d: _dir_state(d) for d in sorted({str((Path(cfg.root) / f).resolve()) for f in folders})}
 
     @classmethod
     def prepare(cls, cfg: Any) -> Path:
@@ -226,6 +287,10 @@ class RecordSource:
             return folder
         start = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / "meta.json").unlink(missing_ok=True)  # a crash from here on leaves no meta.json: prepared again
+        # folder states are taken before images are looked for (here while reading, VG's folder of each image;
+        # then every image's existence), so an image added meanwhile changes a folder after its state was taken
+        watched = cls._dir_states(cfg, [] if hub is not None else cls.image_folders(cfg))
         records: list[dict[str, Any]] = []
         bad: list[Bad] = []
         collecting = gc.isenabled()
@@ -241,9 +306,12 @@ class RecordSource:
             left_out = {(b.split, b.id) for b in unannotated}
             records = [r for r in records if (r.get("split"), r["id"]) not in left_out]
             bad += unannotated
+        watched = cls._dir_states(cfg, {os.path.dirname(r["image"]) for r in records if isinstance(r["image"], str)}
+                                  ) | watched
         problems = cls._image_problems(cfg, records, hub)
         bad += [Bad(problems[k], records[k].get("split"), records[k]["id"]) for k in sorted(problems)]
         offsets, ids, splits, others = [], [], [], []
+        digest = hashlib.sha1()
         with atomic_open(folder / "records.jsonl", "wb") as f:
             for k, r in enumerate(records):
                 if k not in problems:
@@ -251,12 +319,13 @@ class RecordSource:
                     ids.append(r["id"])
                     splits.append(r.get("split"))
                     others.append(r.get("other_ids"))
-                    f.write(json.dumps(r, ensure_ascii=False).encode() + b"\n")
-        dirs = {str((Path(cfg.root) / p).resolve()) for p in {os.path.dirname(r["image"]) for r in records
-                                                               if isinstance(r["image"], str)}}
+                    line = json.dumps(r, ensure_ascii=False).encode() + b"\n"
+                    digest.update(line)
+                    f.write(line)
+            size = f.tell()
         seconds = time.perf_counter() - start
         meta = {"offsets": offsets, "ids": ids, "splits": splits, "other_ids": others, "bad": [asdict(b) for b in bad],
-                "image_dirs": {d: os.stat(d).st_mtime_ns for d in sorted(dirs) if os.path.isdir(d)},
+                "image_dirs": watched, "records_size": size, "records_sha1": digest.hexdigest(),
                 "stats": {"records": len(offsets), "bad": len(bad), "seconds": round(seconds, 2)}}
         with atomic_open(folder / "meta.json") as f:
             json.dump(meta, f)
@@ -296,9 +365,17 @@ class RecordSource:
         if split not in self.offered_splits:
             raise ValueError(f"{self.name} has the splits {', '.join(self.offered_splits)}, not '{split}'")
         self.cfg, self.split, self.root = cfg, split, Path(cfg.root)
-        folder = self.prepare(cfg)
-        meta = json.loads((folder / "meta.json").read_text())
+        for attempt in range(3):
+            folder = self.prepare(cfg)
+            try:
+                meta = json.loads((folder / "meta.json").read_text())
+                break
+            except (OSError, ValueError):  # another process began preparing it again (meta.json goes first)
+                if attempt == 2:
+                    raise
         self.path = folder / "records.jsonl"
+        self.records_size = meta["records_size"]
+        self.prepared = {"records_sha1": meta["records_sha1"], "image_dirs": meta["image_dirs"]}
         excluded = read_ids(list(cfg.exclude_ids))
         keep, self.excluded = [], 0
         for offset, stored, rid, others in zip(meta["offsets"], meta["splits"], meta["ids"], meta["other_ids"]):
@@ -334,8 +411,33 @@ class RecordSource:
         """Record `index` of this split, read from the cache (one open file per process)."""
         if self._pid != os.getpid():
             self._file, self._pid = open(self.path, "rb"), os.getpid()
-        self._file.seek(self.offsets[index])
-        return json.loads(self._file.readline())
+            size = os.fstat(self._file.fileno()).st_size
+            if size != self.records_size:  # these offsets are of another records.jsonl
+                self._file.close()
+                self._file, self._pid = None, -1
+                raise CacheDamaged(f"{self.path}: {size} bytes, not the {self.records_size} this split's offsets were "
+                                   "read for: it was prepared again (or damaged) since; start again (if it is damaged, "
+                                   f"delete the folder {self.path.parent} and it is prepared again)")
+        offset = self.offsets[index]
+        self._file.seek(offset)
+        line = self._file.readline()
+        try:
+            record = json.loads(line)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: the file changed under meta.json
+            raise CacheDamaged(f"{self.path}: byte {offset} (record {index} of {self.name}/{self.split}): damaged "
+                               f"prepared-data cache ({e.__class__.__name__}: {e}); delete the folder "
+                               f"{self.path.parent} and it is prepared again") from None
+        if not isinstance(record, dict):
+            raise CacheDamaged(f"{self.path}: byte {offset} (record {index} of {self.name}/{self.split}): damaged "
+                               f"prepared-data cache (not a record); delete the folder {self.path.parent} and it "
+                               "is prepared again")
+        return record
+
+    def identity(self) -> dict[str, Any]:
+        """What this split's samples are made of, for the keys of caches built from them (NegCLIP's neighbour
+        table): the prepared records' digest, the image folders' states and which records the split keeps."""
+        return dict(self.prepared, source=self.name, split=self.split,
+                    offsets=hashlib.sha1(self.offsets.tobytes()).hexdigest())
 
     def __getitem__(self, index: int) -> Sample:
         for k in range(min(len(self), MAX_SUBSTITUTES)):
@@ -373,6 +475,15 @@ class RecordSource:
         if not _spawning():  # the shared counter travels only to a process being started; a copy counts alone
             state["substituted"] = _Counter(int(self.substituted.value))
         return state
+
+
+def _dir_state(path: str) -> int | None:
+    """A folder's mtime_ns, or None where there is no folder (yet)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns if os.path.isdir(path) else None
 
 
 def _spawning() -> bool:

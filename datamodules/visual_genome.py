@@ -69,7 +69,12 @@ def parse_object(o: Any) -> tuple[int, str, list[float], Any]:
     for v in box:
         if type(v) is not int and type(v) is not float:
             raise ValueError(f"object {oid}: box x, y, w, h must be numbers, got {box}")
-    return oid, clean(name), box, o.get("merged_object_ids") or ()
+    merged = o.get("merged_object_ids")
+    if merged is None:
+        return oid, clean(name), box, ()
+    if type(merged) is not list or not all(type(m) is int for m in merged):
+        raise ValueError(f"object {oid}: 'merged_object_ids' must be a list of int object ids, got {str(merged)[:80]}")
+    return oid, clean(name), box, merged
 
 
 class Graphs:
@@ -238,6 +243,13 @@ class VisualGenome(RecordSource):
         if uncaptioned:
             log.warning("%s: %d images have nothing to caption (no relation, attribute or region): left out",
                         cls.name, uncaptioned)
+
+    @classmethod
+    def image_folders(cls, cfg: Any) -> list[str]:
+        """Every image folder, watched by the cache whether it is there or not: a folder added later (VG_100K_2 unzipped
+        after a first run) or an image added to one makes the prepared records stale, so each image is looked for
+        again (`image_path`)."""
+        return list(cfg.image_folders)
 
     @staticmethod
     def image_path(cfg: Any, image: int) -> str:

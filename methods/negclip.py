@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from methods.losses import contrastive_loss
 NEGATIVE_KINDS = ("relation", "attribute", "noun", "shuffle", "released")
 DEFAULT_KINDS = ("relation", "attribute", "noun", "released")
 SPEED_ONLY = ("compile", "compile_backend", "grad_checkpointing")  # model settings that change no feature
+log = logging.getLogger(__name__)
 
 
 class _ModelInputs(Dataset):
@@ -92,16 +94,21 @@ class NegCLIP(ContrastiveMethod):
     def neighbour_table(self, dataset: Any) -> Tensor:
         """(N, k) nearest neighbours of each training image by the starting model's image features (of its
         evaluation view, whatever the training augmentation), computed once per (data, model, seed) and cached; the
-        key holds the files the data and the weights come from, as they are now, and the split's size."""
+        key holds the files the weights come from, as they are now, the split's size and what its samples are made
+        of as the source says (`identity()`: a file source's prepared records, whose cache key holds the annotation
+        files and options, with its image folders' states). A cache file that cannot be read, or holds no table of
+        this split's shape, is computed again, with a warning."""
         model = {k: v for k, v in self.cfg.model.items() if k not in SPEED_ONLY}  # same weights, same neighbours
         options = self.cfg.data.get("options")
+        identity = getattr(dataset.source, "identity", None)
         key = json.dumps([self.cfg.data.source, options, model, self.cfg.seed, self.mcfg.neighbours, len(dataset),
-                          file_stats([options, model])], sort_keys=True, default=str)
+                          file_stats([options, model]), identity() if callable(identity) else None],
+                         sort_keys=True, default=str)
         path = Path(self.cfg.cache_dir) / f"neighbours-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
         if path.is_file():
-            table = torch.load(path, weights_only=True)
-            if table.shape == (len(dataset), self.mcfg.neighbours) and int(table.max()) < len(dataset):
-                return table  # (else a table of other data: made again below)
+            table = self._cached_table(path, len(dataset))
+            if table is not None:
+                return table
         was_training, home = self.training, self.device
         # on this process's GPU where there is one (this runs before the Trainer moves the model), the images
         # made by the run's DataLoader workers
@@ -123,6 +130,25 @@ class NegCLIP(ContrastiveMethod):
         with atomic_open(path, "wb") as f:  # a temporary name per writer: DDP ranks compute the same table at once
             torch.save(table, f)
         return table
+
+    def _cached_table(self, path: Path, n: int) -> Tensor | None:
+        """The table in a cache file if it is an (n, k) integer table of rows of this split, else None, with a
+        warning that names the file (torn, foreign or damaged: it is computed again and replaced)."""
+        try:
+            table = torch.load(path, weights_only=True)
+        except Exception as e:  # pickle, zip and torch raise many types for a damaged file
+            log.warning("%s: damaged neighbour-table cache (%s: %s); computing it again", path, e.__class__.__name__,
+                        str(e)[:200])
+            return None
+        k = self.mcfg.neighbours
+        if (isinstance(table, Tensor) and table.shape == (n, k) and not table.is_floating_point()
+                and not table.is_complex() and table.dtype != torch.bool
+                and (n == 0 or k == 0 or (int(table.min()) >= 0 and int(table.max()) < n))):
+            return table
+        what = f"a {tuple(table.shape)} {table.dtype} tensor" if isinstance(table, Tensor) else type(table).__name__
+        log.warning("%s: neighbour-table cache holds %s, not a (%d, %d) table of row indices below %d; computing it "
+                    "again", path, what, n, k, n)
+        return None
 
     def encode(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Every image (items and neighbours) in one pass, every text (positives and negatives) in another."""
