@@ -290,10 +290,21 @@ def negative_caption(sample: Sample, caption_index: int, ctx: FieldContext) -> s
         return None
     kinds = ctx.options.get("negative_kinds", ())
     found = {k: v for k, v in make(caption_index).items() if k in kinds and v}
+    if found:  # a candidate the tokenizer reads as one of the image's true captions is none ("a cat on A bed .")
+        false = not_true(sample, ctx)
+        found = {k: [c for c in v if false(c)] if isinstance(v, list) else v for k, v in found.items()}
+        found = {k: v for k, v in found.items() if v and (isinstance(v, list) or false(v))}
     if not found:
         return None
     chosen = found[ctx.rng.choice(sorted(found))]
     return ctx.rng.choice(chosen) if isinstance(chosen, list) else chosen  # a source may offer several of a kind
+
+
+def not_true(sample: Sample, ctx: FieldContext) -> Callable[[str], bool]:
+    """Whether a candidate negative is a caption at all and not one of the sample's true captions as the model
+    reads them (the same token ids: the tokenizer lowercases and splits punctuation off)."""
+    true = {tuple(t.tolist()) for t in ctx.tokenize(list(sample.captions))}
+    return lambda text: bool(text.strip()) and tuple(ctx.tokenize([text])[0].tolist()) not in true
 
 
 @FIELDS.register("neg_text")
@@ -318,10 +329,11 @@ def swap_probe_field(sample: Sample, caption_index: int, ctx: FieldContext) -> d
     make = sample.extra.get("negative_captions")
     offered = make(caption_index) if make is not None else {}
     caption, texts, valid = sample.captions[caption_index], [], []
+    false = not_true(sample, ctx) if offered else None
     for kind in PROBE_KINDS:
         swap = offered.get(kind)
         swap = (swap[0] if swap else None) if isinstance(swap, list) else swap
-        ok = bool(swap) and swap != caption
+        ok = bool(swap) and false(swap)
         texts.append(swap if ok else caption)
         valid.append(ok)
     return {"swap_text": ctx.tokenize(texts), "swap_valid": torch.tensor(valid)}

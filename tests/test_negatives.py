@@ -291,3 +291,28 @@ def test_trigram_words_feed_only_the_two_trigram_shuffles():
     assert sorted(got[0].split()) == sorted(got[1].split()) == sorted(words)
     assert order_negatives(words, tags, np.random.default_rng(5)) == order_negatives(
         words, tags, np.random.default_rng(5), trigram_words=words)
+
+
+def test_a_negative_the_model_reads_as_a_true_caption_is_never_drawn():
+    """'a cat on A bed .' is 'A cat on a bed.' to CLIP's tokenizer (lower case, punctuation split off), and a relation
+    swap can be another of the image's true captions: neither is a negative, nor is an empty candidate."""
+    import random
+
+    import open_clip
+    import torch
+
+    from datamodules.datamodule import CachedTokenizer
+    from datamodules.fields import FieldContext, negative_caption, swap_probe_field
+    from datamodules.source import Sample
+
+    offered = {"shuffle": ["a cat on A bed .", "  ", "a bed on a cat"], "relation": "A bed under a cat.",
+               "attribute": ""}
+    sample = Sample(image=None, captions=["A cat on a bed.", "A bed under a cat."], key="k",
+                    extra={"negative_captions": lambda k: offered})
+    tokenize = CachedTokenizer(open_clip.get_tokenizer("ViT-B-32"))
+    ctx = FieldContext(tokenize=tokenize, rng=random.Random(0), split="train", source=None, transform=None, index=0,
+                       options={"negative_kinds": ("shuffle", "relation", "attribute")})
+    assert {negative_caption(sample, 0, ctx) for _ in range(50)} == {"a bed on a cat"}
+    probe = swap_probe_field(sample, 0, ctx)
+    assert probe["swap_valid"].tolist() == [False, False]  # the relation swap is a true caption; no attribute swap
+    assert torch.equal(probe["swap_text"][0], tokenize(["A cat on a bed."])[0])
