@@ -3,7 +3,9 @@ exact resume needs (per-step seeds, the logging step); the checkpoints an interr
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,9 +13,12 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from configs.files import write_atomic
+from configs.files import keep_aside, write_atomic
 from datamodules.sampling import derive_seed
 
 
@@ -50,6 +55,40 @@ class ExactResume(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         for logger in trainer.loggers:
             logger.save()
+
+
+class FolderCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint whose record of what it saved (the best score, the best and k-th best files)
+    survives a move of the run folder (a sweep folder moved, a run copied elsewhere and continued there).
+
+    Lightning keeps that record only when the folder it saved in (a realpath) is the folder it saves in now; else
+    it drops the best score and the best files, and a continued run then takes its first validation for the best
+    one: it writes best-v1.ckpt beside best.ckpt (version counter on), or replaces a better best.ckpt (counter off),
+    and `make bench`, which reads best.ckpt, evaluates the wrong weights. Here the saved paths under the old
+    folder are read as the same files under the new one. The state is filed under ModelCheckpoint's own key, so
+    checkpoints written before this class existed restore into it."""
+
+    @property
+    def state_key(self) -> str:
+        key = super().state_key
+        return ModelCheckpoint.__qualname__ + key[len(type(self).__qualname__):]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old = state_dict.get("dirpath")
+        if isinstance(old, str) and isinstance(self.dirpath, str) and old and old != self.dirpath:
+            def moved(path: Any) -> Any:
+                if isinstance(path, str) and (path == old or path.startswith(old.rstrip(os.sep) + os.sep)):
+                    return self.dirpath + path[len(old):]
+                return path
+
+            state_dict = dict(state_dict, dirpath=self.dirpath,
+                              best_k_models={moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
+                              **{k: moved(state_dict.get(k)) for k in ("best_model_path", "kth_best_model_path",
+                                                                      "last_model_path") if k in state_dict})
+            if self.monitor is not None and rank_zero_only.rank == 0:
+                print(f"{self.dirpath}: the run's checkpoints were written in {old}; the record of its best "
+                      f"checkpoint ({self.monitor}) is carried over", file=sys.stderr)
+        super().load_state_dict(state_dict)
 
 
 class StepCheckpoint(L.Callback):
@@ -150,27 +189,72 @@ class Throughput(L.Callback):
 
 class DataReport(L.Callback):
     """`data_report.json` in the run folder: per split, what the data source left out (bad records skipped,
-    images replaced while training, excluded image ids), written at the start and updated at the end; a log
-    line says so when anything was skipped."""
+    images replaced while training, excluded image ids), written at the start, at each training epoch's end and
+    at the end; a log line says so when anything was skipped.
+
+    `substituted_images` counts the images replaced over the whole run: every process (summed over the ranks at
+    an epoch's end and at the end, where they meet anyway; never in a step) and every attempt of a run that was
+    stopped and continued (`substituted_per_attempt`, one count per attempt; the steps a continued run repeats
+    after its checkpoint count again). An attempt that ends with an error counts to the error on one process,
+    to its last epoch end under DDP (a rank-local error leaves no point where all ranks meet)."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / "data_report.json"
+        self.earlier: dict[str, list[int]] | None = None  # per split, the earlier attempts' counts (read once)
 
-    def write(self, trainer: L.Trainer) -> None:
+    def read_earlier(self) -> dict[str, list[int]]:
+        """Per split, the replaced-image counts of the attempts before this one, from the report they left; a
+        damaged report is named and kept aside (data_report.damaged-<k>.json)."""
+        if not self.path.is_file():
+            return {}
+        try:
+            old = json.loads(self.path.read_text())
+            # a report from before the per-attempt counts holds one attempt's count
+            return {split: [int(n) for n in r.get("substituted_per_attempt", [r.get("substituted_images", 0)])]
+                    for split, r in old.items()}
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            aside = keep_aside(self.path)
+            print(f"{self.path}: damaged ({type(e).__name__}: {e}); kept as {aside.name}", file=sys.stderr)
+            return {}
+
+    def write(self, trainer: L.Trainer, collective: bool, say: bool = False) -> None:
+        """The report, with this attempt's replaced images summed over the ranks (`collective`: every rank is here,
+        and takes part) or this process's own."""
         report = getattr(trainer.datamodule, "data_report", None)
-        info = report() if report is not None and trainer.is_global_zero else None
+        info = report() if report is not None else None
         if not info:
             return
+        splits = sorted(info)
+        counts = [int(info[s]["substituted_images"]) for s in splits]
+        if trainer.world_size > 1:
+            if not (collective and dist.is_available() and dist.is_initialized()):
+                return  # one rank's count would under-report (and the ddp_spawn launcher counted nothing)
+            total = torch.tensor(counts, dtype=torch.int64, device=trainer.strategy.root_device)
+            dist.all_reduce(total)
+            counts = [int(n) for n in total.tolist()]
+        if not trainer.is_global_zero:
+            return
+        if self.earlier is None:  # before this attempt's first write
+            self.earlier = self.read_earlier()
+        for split, n in zip(splits, counts):
+            per_attempt = self.earlier.get(split, []) + [n]
+            info[split] |= {"substituted_images": sum(per_attempt), "substituted_per_attempt": per_attempt}
         write_atomic(self.path, json.dumps(info, indent=2))
         left_out = {s: r["skipped_records"] + r["substituted_images"] for s, r in info.items()}
-        if any(left_out.values()):
+        if say and any(left_out.values()):
             print(f"data: bad records skipped or images replaced per split {left_out} (skip_bad); see {self.path}")
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.write(trainer)
+        self.write(trainer, collective=True, say=True)  # every rank is here (Lightning's own setup ends together)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.write(trainer, collective=True)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.write(trainer)
+        self.write(trainer, collective=True, say=True)
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        self.write(trainer, collective=False)
 
 
 class FinishValidationOnSigterm(L.Callback):
@@ -197,7 +281,10 @@ class FinishValidationOnSigterm(L.Callback):
 
 class InterruptCheckpoint(L.Callback):
     """`path` (interrupted.ckpt) when an error or a preemption signal (SIGTERM) ends training, written by the
-    processes that hold the trained state; removed when the run ends normally.
+    processes that hold the trained state; removed when the run ends normally. Not written before the first
+    optimizer step (an error in setup, in the sanity check, in the first batch): such a checkpoint holds only the
+    initial weights, a fresh start gives the same run, and a new run's folder with nothing to continue from is to
+    be set aside as <run>.failed-1 (methods.train), not listed as a run to resume.
 
     Not Lightning's OnExceptionCheckpoint, for two reasons: with one, Lightning reads fit(ckpt_path=None) as
     "continue from the last checkpoint in the folder" (a new run must never pick up files it finds), and under
@@ -210,6 +297,18 @@ class InterruptCheckpoint(L.Callback):
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         if trainer.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
             return  # the ddp_spawn launcher
+        if trainer.global_step == 0:
+            return  # no step taken: nothing to continue from
+        if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
+            # an error may be this rank's alone (a bad record in its loader, its own out-of-memory) while the other
+            # ranks wait in a collective of the step: trainer.save_checkpoint ends in a barrier they never reach, and
+            # this rank would sit there, its error unprinted, until the process group timed out. (A preemption is
+            # raised on every rank at once: Lightning shares the signal at each batch's start.) Rank 0 writes the
+            # state it holds, whole on every rank under DDP, without meeting the others; the others write nothing.
+            if trainer.is_global_zero and type(trainer.strategy) is DDPStrategy:
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                trainer.strategy.save_checkpoint(checkpoint, self.path)
+            return
         trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable
 
     def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -39,8 +39,8 @@ from configs.files import keep_aside, new_folder, write_atomic
 from configs.schema import TrainerConfig
 from datamodules import CaptionDataModule, data_schema
 from methods import METHODS, method_schema
-from methods.callbacks import (DataReport, ExactResume, FinishValidationOnSigterm, InterruptCheckpoint, LossBar,
-                              StepCheckpoint, Throughput)
+from methods.callbacks import (DataReport, ExactResume, FinishValidationOnSigterm, FolderCheckpoint,
+                              InterruptCheckpoint, LossBar, StepCheckpoint, Throughput)
 from methods.checkpoints import AtomicCheckpointIO, resume_checkpoint
 
 SCHEMAS = {"method": method_schema, "data": data_schema}
@@ -313,13 +313,15 @@ def run_trainer(cfg: DictConfig, run_dir: Path, throughput: Throughput) -> L.Tra
     return make_trainer(
         cfg, run_dir,
         [
-            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
-                            auto_insert_metric_name=False),
+            # best.ckpt, always that name (no best-v1.ckpt beside it); its record of the best score is kept when
+            # the run folder moved between attempts (FolderCheckpoint)
+            FolderCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
+                             enable_version_counter=False, auto_insert_metric_name=False),
             # last.ckpt at every epoch end. Not `save_last=True` of the callback above: since Lightning 2.6 that
             # copies a checkpoint only when one is saved, so after the validation loss stops falling last.ckpt
             # stays the best one, and `ckpt=last` would evaluate the best epoch's weights, not the final ones
-            ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, save_on_train_epoch_end=True,
-                            enable_version_counter=False, auto_insert_metric_name=False),
+            FolderCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
+                             save_on_train_epoch_end=True, enable_version_counter=False, auto_insert_metric_name=False),
             *periodic,
             # an exception or a preemption signal (SIGTERM) writes interrupted.ckpt before the process ends
             InterruptCheckpoint(ckpt_dir / "interrupted.ckpt"),
