@@ -56,7 +56,8 @@ perf: $(VENV)/.ok ## training samples/s beside open_clip's own trainer (PERF=gpu
 WHEELS  ?= .whl
 PYVER   ?= 3.12
 perf-wheels: ## wheels (into WHEELS=.whl) of what an offline GPU node with torch and lightning lacks for `make perf`; there: bash benchmarks/perf_node.sh DEST
-	mkdir -p $(WHEELS)
+	rm -rf "$(WHEELS)"  # only this recipe's wheels: a stale one of another version would make the node's install fail
+	mkdir -p "$(WHEELS)"
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version $(PYVER) --implementation cp \
 		--platform manylinux2014_x86_64 -d $(WHEELS) open_clip_torch==3.3.0 omegaconf==2.3.0 ftfy wcwidth
 	python3 -m pip wheel -q --no-deps -w $(WHEELS) antlr4-python3-runtime==4.9.3  # omegaconf's parser: sdist only

@@ -9,19 +9,28 @@ Rows, each in a process of its own, timed after a warm-up (the median over log-i
 - each registered method through the lab's Trainer, with its DataModule's data path (`data`: images made and
   transformed in workers) and with one batch kept on the device (`resident`: the step's own cost); and each
   named variant (`variants`: a method with settings of its own, e.g. NegCLIP without its hard images).
-Rows run in order of what the goals need: per mode the references and vanilla CLIP, then every other method's
-`resident` rows, then their `data` rows. `budget_s` bounds the whole run: a row that would start after it is
-listed as not run, and a running row is stopped at it, so perf.md is written in time.
+Rows run in order of what the goals need: per mode (eager, then compiled) the references and vanilla CLIP, then
+every other method's `resident` rows (eager, then compiled), then their `data` rows. `budget_s` bounds the whole
+run: a row is started only with at least `min_row_s` (eager) or `min_compiled_row_s` (compiled) of it left, else
+it is listed as not run (budget), and a running row is stopped when it is spent, so perf.md is written in time.
+A `data` row also times its loader alone (no training) and reports the smaller of the two rates, so that a loader
+slower than the step cannot hide behind the batches its workers queued ahead.
 Each row's samples/s is given as a ratio to open_clip's trainer and to the bare step in the same mode (eager or
 compiled), each method's step time as a ratio to vanilla CLIP's with the same inputs and mode, with the peak
 memory and the host-device syncs per step (GPU). `perf=auto` picks configs/perf/gpu.yaml where CUDA is
 available, else configs/perf/cpu.yaml (a small configuration), and says which. perf.json and perf.md go into a
-new folder results/perf-<time>/ with each row's log; perf.json is rewritten after every row.
+new folder results/perf-<time>/ with each row's log; both are rewritten before and after every row (the rows not
+measured yet listed as such), and also into `mirror_dir`/perf-<time>/ when it is set, where each row's log is
+written as it runs (benchmarks/perf_node.sh points it at the folder a lent machine returns, so that a call stopped
+at its time limit, even by SIGKILL, returns every row measured so far). SIGTERM or SIGINT stops the row running
+and writes the files with it marked as stopped. perf.md opens with the code measured: the git commit where there
+is a checkout, else `commit=` from the command line.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -62,6 +71,9 @@ class PerfSpec:
     # steps must outnumber the batches the workers make ahead (num_workers * data.prefetch_factor), or the rate
     # is the buffer's, not the loader's
     data_steps: int = 0
+    # batches over which a `data` row also times its loader alone, after those its workers make ahead (0: as many
+    # as the row's measured steps); the train split must hold both (data_args)
+    loader_batches: int = 0
     warmup: int = 4  # steps left out of the median (compilation happens in them)
     log_every: int = 4  # both trainers log (and so sync) every this many steps
     compile: list[bool] = field(default_factory=lambda: [False])
@@ -77,10 +89,20 @@ class PerfSpec:
     out_dir: str = "results"
     timeout_s: int = 1800  # per row
     budget_s: int = 0  # the whole run, in seconds (0: no limit); rows left when it is spent are not run
+    # with a budget, a row starts only with this much of it left (else: not run (budget)), so that no row starts
+    # only to be stopped seconds later
+    min_row_s: int = 45
+    min_compiled_row_s: int = 90
+    mirror_dir: str = ""  # also write perf.json, perf.md and the row logs under this folder, as the run goes
+    commit: str = ""  # the code measured, said at the top of perf.md beside the git commit found here (if any)
+
+
+VERBATIM = ("commit", "note")  # taken as written: a short hash such as 12e4567 would be read as a number
 
 
 def load_spec(argv: list[str]) -> PerfSpec:
-    """The perf file (perf=auto|gpu|cpu or a path) merged into PerfSpec, then key=value overrides."""
+    """The perf file (perf=auto|gpu|cpu or a path) merged into PerfSpec, then key=value overrides (`commit=` and
+    `note=` as written)."""
     choice = next((a.split("=", 1)[1] for a in argv if a.startswith("perf=")), "auto")
     if choice == "auto":
         choice = "gpu" if torch.cuda.is_available() else "cpu"
@@ -89,8 +111,13 @@ def load_spec(argv: list[str]) -> PerfSpec:
     if not path.is_file():
         raise configs.ConfigError(f"perf file {path} not found; shipped: {', '.join(configs.group_names('perf'))}")
     spec = configs._merge(OmegaConf.structured(PerfSpec), OmegaConf.load(path), str(path))
-    spec = configs._merge(spec, OmegaConf.from_dotlist([a for a in argv if not a.startswith("perf=")]), "command line")
-    return OmegaConf.to_object(spec)  # type: ignore[return-value]
+    verbatim = {k: a.split("=", 1)[1] for a in argv for k in VERBATIM if a.startswith(f"{k}=")}
+    rest = [a for a in argv if not a.startswith(("perf=", *(f"{k}=" for k in VERBATIM)))]
+    spec = configs._merge(spec, OmegaConf.from_dotlist(rest), "command line")
+    out: PerfSpec = OmegaConf.to_object(spec)  # type: ignore[assignment]
+    for key, value in verbatim.items():
+        setattr(out, key, value)
+    return out
 
 
 def mode(compiled: bool) -> str:
@@ -101,14 +128,17 @@ def steps_of(spec: PerfSpec, reads_data: bool) -> int:
     return spec.data_steps if reads_data and spec.data_steps > 0 else spec.steps
 
 
-def lab_overrides(spec: PerfSpec, method: str, inputs: str, compiled: bool) -> list[str]:
-    """The training config of one lab row: the method on the spec's model, data, trainer and batch."""
+def lab_overrides(spec: PerfSpec, method: str, inputs: str, compiled: bool,
+                  cache_dir: Path | None = None) -> list[str]:
+    """The training config of one lab row: the method on the spec's model, data, trainer and batch; `cache_dir`
+    (absolute) shared by every row, so that work a method caches (NegCLIP's neighbour table) is done once per run,
+    not in each row's own working folder."""
     return [f"method={method}", f"model={spec.model}", *spec.model_args, f"data={spec.data}",
             *(spec.data_args if inputs == "data" else spec.resident_args), f"trainer={spec.trainer}",
             f"data.batch_size={spec.batch_size}", f"data.num_workers={spec.num_workers}",
             f"trainer.max_steps={steps_of(spec, inputs == 'data')}", "trainer.max_epochs=1000", "trainer.limit_val_batches=0",
             "trainer.enable_progress_bar=false", f"trainer.log_every_n_steps={spec.log_every}",
-            f"model.compile={str(compiled).lower()}"]
+            f"model.compile={str(compiled).lower()}", *([f"cache_dir={cache_dir}"] if cache_dir is not None else [])]
 
 
 def lab_rows(spec: PerfSpec) -> list[tuple[str, str, list[str]]]:
@@ -129,9 +159,10 @@ def lab_rows(spec: PerfSpec) -> list[tuple[str, str, list[str]]]:
     return labs
 
 
-def plan(spec: PerfSpec) -> list[dict[str, Any]]:
+def plan(spec: PerfSpec, cache_dir: Path | None = None) -> list[dict[str, Any]]:
     """Every row to measure, in the order of what the goals need: per mode, open_clip's trainer, the bare step and
-    vanilla CLIP's rows; then per mode every other method's (and variant's) `resident` rows; then their `data` rows."""
+    vanilla CLIP's rows; then per mode every other method's (and variant's) `resident` rows; then their `data` rows.
+    `cache_dir`: the lab rows' shared cache folder (see lab_overrides)."""
     labs = lab_rows(spec)
     unknown = set(spec.inputs) - {"data", "resident"}
     if unknown:
@@ -140,8 +171,11 @@ def plan(spec: PerfSpec) -> list[dict[str, Any]]:
 
     def lab(label: str, method: str, own: list[str], inputs: str, compiled: bool) -> dict[str, Any]:
         m = mode(compiled)
-        return common | {"steps": steps_of(spec, inputs == "data"), "kind": "lab", "name": f"{label} · {inputs} · {m}", "method": label, "inputs": inputs,
-                         "mode": m, "compile": compiled, "overrides": lab_overrides(spec, method, inputs, compiled) + own}
+        loader = {"loader_batches": spec.loader_batches} if inputs == "data" else {}
+        return common | loader | {"steps": steps_of(spec, inputs == "data"), "kind": "lab",
+                                  "name": f"{label} · {inputs} · {m}", "method": label, "inputs": inputs,
+                                  "mode": m, "compile": compiled,
+                                  "overrides": lab_overrides(spec, method, inputs, compiled, cache_dir) + own}
 
     def wanted(label: str, inputs: str) -> bool:
         return inputs in spec.inputs and (inputs == "resident" or spec.data_methods == ["all"]
@@ -155,7 +189,7 @@ def plan(spec: PerfSpec) -> list[dict[str, Any]]:
                                   "mode": m, "compile": compiled})
         if spec.bare:
             rows.append(common | {"kind": "bare", "name": f"bare step · resident · {m}", "mode": m, "compile": compiled,
-                                  "overrides": lab_overrides(spec, "clip", "resident", compiled)})
+                                  "overrides": lab_overrides(spec, "clip", "resident", compiled, cache_dir)})
         rows += [lab(*entry, inputs, compiled) for entry in labs if entry[0] == "clip"
                  for inputs in ("data", "resident") if wanted("clip", inputs)]
     for inputs in ("resident", "data"):
@@ -181,28 +215,93 @@ def command(spec: PerfSpec, row: dict[str, Any], folder: Path) -> list[str]:
     return [sys.executable, "-m", "benchmarks.perf_openclip", *ours, "--", *theirs]
 
 
-def measure(spec: PerfSpec, row: dict[str, Any], folder: Path, left_s: float | None = None) -> dict[str, Any]:
-    """Run one row's process (its output in folder/log.txt), for at most perf.timeout_s or the `left_s` seconds
-    of the run's budget; the result, or why there is none."""
+WATCH_PARENT = "CLIPCOMP_PERF_WATCH_PARENT"  # "1": stop when the process that started the run is gone (perf_node.sh)
+
+
+class Stop:
+    """Why the run must stop now, or None: SIGTERM or SIGINT received (it is the signal handler), or, when
+    `watch_parent`, the process that started this one gone (perf_node.sh killed by SIGKILL, which it cannot trap:
+    the run, in a process group of its own, would otherwise go on measuring for nobody)."""
+
+    def __init__(self, watch_parent: bool = False) -> None:
+        self.reason: str | None = None
+        self.signal: int | None = None
+        self.parent = os.getppid() if watch_parent else None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.reason, self.signal = signal.Signals(signum).name, signum
+
+    def check(self) -> str | None:
+        if self.reason is None and self.parent is not None and os.getppid() != self.parent:
+            self.reason = "the process that started the run is gone"
+        return self.reason
+
+
+def measure(spec: PerfSpec, row: dict[str, Any], folder: Path, left_s: float | None = None, *, log: Path | None = None,
+            stop: Stop | None = None) -> dict[str, Any]:
+    """Run one row's process in `folder` (its output in `log`, folder/log.txt by default), for at most
+    perf.timeout_s or the `left_s` seconds of the run's budget, or until `stop` says why not; the result, or why
+    there is none."""
     folder.mkdir(parents=True, exist_ok=True)
+    log = log or folder / "log.txt"
+    log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env.pop(WATCH_PARENT, None)
     timeout, limit = (spec.timeout_s, "perf.timeout_s") if left_s is None or left_s >= spec.timeout_s \
         else (max(1, int(left_s)), "the rest of perf.budget_s")
     start = time.perf_counter()
-    with open(folder / "log.txt", "w") as log:
-        try:  # the child's working folder is its own: open_clip's trainer writes a log folder where it runs
-            done = subprocess.run(command(spec, row, folder), cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout)
-            failed = None if done.returncode == 0 else f"exit status {done.returncode}"
-        except subprocess.TimeoutExpired:
-            failed = f"stopped after {timeout} s ({limit})"
+    with open(log, "w") as out:
+        # the child's working folder is its own: open_clip's trainer writes a log folder where it runs
+        child = subprocess.Popen(command(spec, row, folder), cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            while True:
+                try:
+                    code = child.wait(timeout=0.5)
+                    failed = None if code == 0 else f"exit status {code}"
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                why = stop.check() if stop is not None else None
+                if why is not None:
+                    failed = f"stopped after {time.perf_counter() - start:.0f} s ({why})"
+                    break
+                if time.perf_counter() - start >= timeout:
+                    failed = f"stopped after {timeout} s ({limit})"
+                    break
+        finally:  # SIGKILL: a Lightning process may ignore SIGTERM ("Bypassing SIGTERM") for as long as it likes
+            if child.poll() is None:
+                child.kill()
+                child.wait()
     wall = time.perf_counter() - start
     result = folder / "result.json"
     if failed is None and result.is_file():
         return json.loads(result.read_text()) | {"wall_s": wall}
-    lines = [ln for ln in (folder / "log.txt").read_text(errors="replace").splitlines() if ln.strip()]
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     error = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
     return {"error": f"{failed or 'no result'}: {error.strip()[:300]}", "wall_s": wall}
+
+
+def budget_refusal(spec: PerfSpec, row: dict[str, Any], left: float | None) -> str | None:
+    """Why `row` is not started with `left` seconds of the budget (None: no budget, or enough of it)."""
+    if left is None:
+        return None
+    key = "min_compiled_row_s" if row.get("compile") else "min_row_s"
+    need = getattr(spec, key)
+    if left <= 0:
+        return f"budget: perf.budget_s ({spec.budget_s} s) spent"
+    if left < need:
+        return f"budget: {left:.0f} s of perf.budget_s ({spec.budget_s} s) left, under perf.{key} ({need} s)"
+    return None
+
+
+def save(info: dict[str, Any], folders: list[Path]) -> None:
+    """perf.json and perf.md, each written whole (a rename), into every folder."""
+    info["rows"] = with_ratios(info["rows"])
+    info["goals"] = goals(info["rows"], info["spec"]["goals"])
+    text, table = json.dumps(info, indent=2, default=str), markdown(info)
+    for folder in folders:
+        write_atomic(folder / "perf.json", text)
+        write_atomic(folder / "perf.md", table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,29 +318,55 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # absolute: each row's process runs in a folder of its own
     out = new_folder(Path(spec.out_dir).resolve() / f"perf-{time.strftime('%Y%m%d-%H%M%S')}")
-    info = {"spec": OmegaConf.to_container(OmegaConf.structured(spec)), "machine": environment(), "rows": []}
+    mirror = new_folder(Path(spec.mirror_dir).resolve() / out.name) if spec.mirror_dir else None
+    rows = plan(spec, cache_dir=out / "cache")  # one cache for every row: NegCLIP's neighbours are found once
+    info: dict[str, Any] = {"spec": OmegaConf.to_container(OmegaConf.structured(spec)), "machine": environment(),
+                            "rows": []}
     print(f"perf: {len(rows)} rows ({spec.name}: model={spec.model}, batch {spec.batch_size}, {spec.steps} steps, "
-          f"warm-up {spec.warmup}); results in {out}")
+          f"warm-up {spec.warmup}); results in {out}" + (f", as they come also in {mirror}" if mirror else ""))
+    stop = Stop(watch_parent=os.environ.get(WATCH_PARENT) == "1")
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run(spec, rows, info, out, mirror, stop)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    print(markdown(info))
+    print(f"perf: {out / 'perf.json'}, {out / 'perf.md'}" + (f" (and in {mirror})" if mirror else ""))
+    if stop.reason is not None:
+        print(f"perf: stopped ({stop.reason})", file=sys.stderr)
+        return 128 + (stop.signal or signal.SIGTERM)
+    return 0
+
+
+def run(spec: PerfSpec, rows: list[dict[str, Any]], info: dict[str, Any], out: Path, mirror: Path | None,
+        stop: Stop) -> None:
+    """Measure the rows in order into info["rows"], writing perf.json and perf.md before and after each row (the
+    rows to come listed as not reached yet, the running one as running), so that a run stopped anyhow keeps what
+    it measured; the row logs are written into `mirror` (when given) as they run."""
+    folders = [out] + ([mirror] if mirror else [])
     start = time.perf_counter()
+    waiting = {"pending": "not reached yet"}
+    save(info | {"rows": [r | waiting for r in rows]}, folders)
     for k, row in enumerate(rows):
         slug = f"{k:02d}-" + "".join(c if c.isalnum() else "_" for c in row["name"])
         left = spec.budget_s - (time.perf_counter() - start) if spec.budget_s > 0 else None
-        if left is not None and left <= 0:
-            measured = row | {"not_run": f"perf.budget_s ({spec.budget_s} s) spent", "wall_s": 0.0}
+        why = stop.check()
+        refused = f"stopped: {why}" if why is not None else budget_refusal(spec, row, left)
+        if refused is not None:
+            measured = row | {"not_run": refused, "wall_s": 0.0}
         else:
-            measured = row | measure(spec, row, out / "rows" / slug, left)
+            limit = spec.timeout_s if left is None else min(spec.timeout_s, int(left))
+            running = row | {"pending": f"running since {time.strftime('%H:%M:%S')} (for at most {limit} s)"}
+            save(info | {"rows": info["rows"] + [running] + [r | waiting for r in rows[k + 1:]]}, folders)
+            measured = row | measure(spec, row, out / "rows" / slug, left,
+                                     log=(mirror or out) / "rows" / slug / "log.txt", stop=stop)
         info["rows"].append(measured)
         shown = f"{measured['samples_per_sec']:.0f} samples/s" if "samples_per_sec" in measured else \
-            measured.get("error") or f"not run: {measured['not_run']}"
+            measured.get("error") or f"not run ({measured['not_run']})"
         print(f"  {row['name']}: {shown} ({measured['wall_s']:.0f} s)", flush=True)
-        info["rows"] = with_ratios(info["rows"])
-        info["goals"] = goals(info["rows"], spec.goals)
-        write_atomic(out / "perf.json", json.dumps(info, indent=2, default=str))
-        write_atomic(out / "perf.md", markdown(info))  # after every row: a run stopped early keeps what it measured
-    text = markdown(info)
-    print(text)
-    print(f"perf: {out / 'perf.json'}, {out / 'perf.md'}")
-    return 0
+        save(info | {"rows": info["rows"] + [r | waiting for r in rows[k + 1:]]}, folders)
+    save(info, folders)
 
 
 if __name__ == "__main__":

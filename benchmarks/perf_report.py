@@ -66,11 +66,36 @@ def _memory(row: dict[str, Any]) -> str:
     return f"{b / 2**30:.2f} GiB {kind}"
 
 
+def _both(row: dict[str, Any]) -> str:
+    """A `data` row's two rates, the trainer's and its loader's alone (samples/s is the smaller), the smaller marked."""
+    trainer, loader = row.get("trainer_samples_per_sec"), row.get("loader_samples_per_sec")
+    if trainer is None or loader is None:
+        return ""
+    return f"{trainer:.0f} · **{loader:.0f}**" if loader < trainer else f"{trainer:.0f} · {loader:.0f}"
+
+
+def code_line(spec: dict[str, Any], machine: dict[str, Any]) -> str:
+    """Which code was measured: the git commit where the run found a checkout (`machine.commit`, with " (dirty)"
+    when tracked files differ from it), and the `commit=` given on the command line (a copy of the tree on a lent
+    machine has no .git, so the caller names it)."""
+    found, given = machine.get("commit"), spec.get("commit") or ""
+    if found:
+        head, dirty = found.split(" ")[0], found.endswith("(dirty)")
+        text = f"Code: commit `{head[:10]}`" + (" with uncommitted changes to tracked files" if dirty else "") + \
+            " (git, where this ran)"
+        if given and not head.startswith(given.split("-")[0].split("+")[0]):
+            text += f"; `commit={given}` was given"
+        return text + "."
+    if given:
+        return f"Code: `{given}` (as given by `commit=`; no git checkout where this ran)."
+    return "Code: unknown (no git checkout where this ran and no `commit=` given)."
+
+
 def markdown(info: dict[str, Any]) -> str:
     """perf.md: what was measured where, the table, the goals, and the notes a reader needs."""
     spec, m = info["spec"], info["machine"]
     where = m["gpu"] or f"CPU only ({m['cpu_count']} cores{', ' + m['cpu'] if m.get('cpu') else ''})"
-    lines = [f"# Training throughput ({spec['name']}: {where})", ""]
+    lines = [f"# Training throughput ({spec['name']}: {where})", "", code_line(spec, m), ""]
     if spec.get("note"):
         lines += [spec["note"], ""]
     data_steps = spec.get("data_steps") or spec["steps"]
@@ -80,16 +105,17 @@ def markdown(info: dict[str, Any]) -> str:
               f"left out; samples/s is the median over windows of {spec['log_every']} steps (the log interval) of "
               f"each window's rate, for every row; torch {m['torch']}, lightning {m['lightning']}, "
               f"open_clip {m['open_clip']}.", "",
-              "| row | samples/s | step (ms) | x open_clip trainer | x bare step | step x clip | peak memory "
-              "| syncs/step | ops/step | precision | caption tokens |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| row | samples/s | trainer · loader alone | step (ms) | x open_clip trainer | x bare step "
+              "| step x clip | peak memory | syncs/step | ops/step | precision | caption tokens |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in info["rows"]:
         if "samples_per_sec" not in r:
-            why = f"not run: {r['not_run']}" if "not_run" in r else f"failed: {r['error']}"
-            lines.append(f"| {r['name']} | {why} | | | | | | | | | |")
+            why = r["pending"] if "pending" in r else f"not run ({r['not_run']})" if "not_run" in r else \
+                f"failed: {r['error']}"
+            lines.append(f"| {r['name']} | {why} |" + " |" * 10)
             continue
         syncs = r.get("syncs_per_step")
-        lines.append(f"| {r['name']} | {r['samples_per_sec']:.0f} | {1000 * r['step_time_s']:.1f} | "
+        lines.append(f"| {r['name']} | {r['samples_per_sec']:.0f} | {_both(r)} | {1000 * r['step_time_s']:.1f} | "
                      f"{_x(r.get('vs_openclip'))} | {_x(r.get('vs_bare'))} | {_x(r.get('step_vs_clip'))} | "
                      f"{_memory(r)} | {'' if syncs is None else f'{syncs:.2f}'} | {r.get('ops_per_step') or ''} | "
                      f"{r.get('precision', '')} | "
@@ -104,6 +130,11 @@ def markdown(info: dict[str, Any]) -> str:
               "- `data`: the method's DataModule feeds the step (images made and transformed in DataLoader workers, "
               "pinned memory); `resident`: one batch from that DataModule kept on the device and replayed. The bare "
               "step runs on vanilla CLIP's resident batch, so the two do the same work.",
+              "- `data` rows: `trainer · loader alone` are the rate of training with the loader and the rate of the "
+              "loader iterated alone (no training; the batches its workers make ahead, num_workers x "
+              "prefetch_factor, left out, the rest timed), and samples/s is the smaller (in bold where it is the "
+              "loader's). The queue the workers fill ahead can hide, for as many steps as it holds, a loader slower "
+              "than the step, so the trainer's rate alone can overstate what the data path sustains.",
               "- `caption tokens`: the text length the step encodes. open_clip's trainer pads every caption to the "
               "model's context; the lab cuts each batch after its longest caption where the method allows it "
               "(`data.trim_text`; a `data` row's length varies per batch), which is part of its lead over that "

@@ -5,7 +5,9 @@ caches, and a row that fails leaves the others standing: `python -m benchmarks.p
   Trainer `make_trainer` builds) for `steps` steps, timed by `methods.callbacks.Throughput` after `warmup`
   steps. `inputs: data` reads through the DataModule's loaders (images made and transformed in workers,
   pinned memory); `inputs: resident` replays one batch made by that DataModule and kept on the device, so
-  the step's own cost is measured without the data path.
+  the step's own cost is measured without the data path. A `data` row then iterates its training loader alone
+  (no training; the batches the workers made ahead left out) and reports the smaller of the two rates, since
+  the workers' queue can hide a loader slower than the step for as many steps as it holds (`loader_alone`).
 - `bare`: the ceiling: open_clip's model with its ClipLoss and fused AdamW, nothing else, on the batch vanilla
   CLIP's `resident` row replays (the same images and caption tokens, cut as the lab's loader cuts them), kept on
   the device; timed the same way (the device's clock on a GPU). The two rows do the same work, so their ratio is
@@ -217,9 +219,59 @@ def lab_row(row: dict[str, Any]) -> dict[str, Any]:
         trainer.fit(module, datamodule=data)
         out = summarise(throughput.step_times, throughput.samples, cfg.trainer.log_every_n_steps) | peak_memory(device)
         tokens = data.batch["text"].shape[-1] if isinstance(data, ResidentBatches) else None
-        return out | {"clock": throughput.summary()["clock"], "syncs_per_step": syncs.per_step,
-                      "sync_sites": syncs.sites, "precision": str(trainer.precision), "text_tokens": tokens,
-                      **op_fields(ops.ops if ops else None)}
+        out |= {"clock": throughput.summary()["clock"], "syncs_per_step": syncs.per_step,
+                "sync_sites": syncs.sites, "precision": str(trainer.precision), "text_tokens": tokens,
+                **op_fields(ops.ops if ops else None)}
+        if row["inputs"] == "data":
+            out = with_loader(out, loader_alone(dm.train_dataloader(), cfg.data.batch_size,
+                                                ahead=cfg.data.num_workers * cfg.data.prefetch_factor,
+                                                batches=row.get("loader_batches") or out["measured_steps"],
+                                                window=cfg.trainer.log_every_n_steps))
+        return out
+
+
+def loader_alone(loader: Any, batch: int, *, ahead: int, batches: int, window: int) -> dict[str, Any]:
+    """The training loader's own rate, no training: a fresh pass over it, the first `ahead` batches (those its
+    workers make ahead, num_workers * prefetch_factor, with the workers' start-up) left out, then up to `batches`
+    batches timed on the host as they arrive, summarised as the steps are (median over windows of `window`).
+    Once the queue of batches made ahead is drained, which a loop that takes each batch at once does at the
+    start, each batch arrives when the workers finish it: the rate the data path can sustain, which a training
+    run's queue hides for as many steps as it holds."""
+    skip = max(1, ahead)
+    available = len(loader) - skip
+    if available < 1:
+        raise ValueError(f"loader alone: the training split gives {len(loader)} batches, not more than the {skip} "
+                         f"made ahead; give the data rows a larger split (perf `data_args`, data.options.train_size)")
+    times: list[float] = []
+    last = None
+    iterator = iter(loader)
+    try:
+        for k, _ in enumerate(iterator):
+            now = time.perf_counter()
+            if last is not None:
+                times.append(now - last)
+            if k >= skip - 1:
+                last = now
+            if len(times) >= min(batches, available):
+                break
+    finally:
+        del iterator  # its workers end
+    out = summarise(times, batch, window)
+    return {"loader_samples_per_sec": out["samples_per_sec"], "loader_batches": len(times), "loader_skipped": skip,
+            "loader_windows": out["windows"]}
+
+
+def with_loader(trainer: dict[str, Any], loader: dict[str, Any]) -> dict[str, Any]:
+    """A `data` row's result: the trainer's rate kept as `trainer_samples_per_sec` (and its step time), the loader's
+    beside it, and samples/s (with the step time it gives) the smaller of the two: a loader slower than the step
+    bounds what the data path sustains however full its queue was while the steps were measured."""
+    rate = min(trainer["samples_per_sec"], loader["loader_samples_per_sec"])
+    batch = trainer["samples_per_sec"] * trainer["step_time_s"]
+    return trainer | loader | {"trainer_samples_per_sec": trainer["samples_per_sec"],
+                               "trainer_step_time_s": trainer["step_time_s"], "samples_per_sec": rate,
+                               "step_time_s": batch / rate,
+                               "bound_by": "loader" if loader["loader_samples_per_sec"] < trainer["samples_per_sec"]
+                               else "trainer"}
 
 
 def op_fields(ops: Counter[str] | None) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 import zipfile
 from pathlib import Path
@@ -76,6 +75,13 @@ def test_plan_has_every_registered_method_each_input_and_mode_beside_the_referen
     assert first == [(k, m, i, mode) for mode in ("eager", "compiled") for k, m, i in
                      [("openclip", None, None), ("bare", None, None), ("lab", "clip", "data"), ("lab", "clip", "resident")]]
     assert {r["inputs"] for r in rows[8:8 + 2 * len(METHODS.names())]} == {"resident"}  # with negclip_captions
+    # the GPU file as one budgeted call runs it: every goal's reference rows of both modes before any other row,
+    # then the other methods' eager rows before their compiled ones (what a budget cuts is the least needed)
+    gpu = plan(load_spec(["perf=gpu"]))
+    assert [(r["kind"], r.get("method"), r.get("inputs"), r["mode"]) for r in gpu[:8]] == first
+    assert [r["mode"] for r in gpu[8:]] == ["eager"] * 5 + ["compiled"] * 5 and {r["method"] for r in gpu[8:]} == \
+        set(METHODS.names()) - {"clip"} | {"negclip_captions"} and {r["inputs"] for r in gpu[8:]} == {"resident"}
+    assert gpu[2]["loader_batches"] == 60 and "loader_batches" not in gpu[3]
     with pytest.raises(KeyError, match="unknown method 'nosuch'; available: clip"):
         plan(load_spec(["perf=cpu", "methods=[nosuch]"]))
     with pytest.raises(ConfigError, match="unknown config key 'stepz'"):
@@ -96,26 +102,165 @@ def test_variants_are_rows_of_their_method_with_their_settings():
         plan(load_spec(["perf=cpu", "variants={x: [method=nosuch]}"]))
 
 
-def test_a_spent_budget_leaves_the_rest_not_run_and_the_table_written(tmp_path, monkeypatch):
-    import time
+def _fake_clock(monkeypatch, perf):
+    """perf's clock made a counter that only a fake row advances, so budgets are tested without waiting."""
+    import time as real
+    from types import SimpleNamespace
+
+    now = [0.0]
+    monkeypatch.setattr(perf, "time", SimpleNamespace(perf_counter=lambda: now[0], strftime=real.strftime))
+    return now
+
+
+def test_a_row_starts_only_with_its_minimum_of_the_budget_left(tmp_path, monkeypatch):
+    """No row starts with seconds of the budget left only to be stopped: below perf.min_row_s (eager) or
+    perf.min_compiled_row_s (compiled) it is listed as not run (budget), and the rows after it still get their
+    chance (an eager row needs less than a compiled one)."""
+    import benchmarks.perf as perf
+
+    now = _fake_clock(monkeypatch, perf)
+    given: list = []
+
+    def measure(spec, row, folder, left_s=None, **kw):
+        given.append((row["name"], left_s))
+        now[0] += 30
+        return {"samples_per_sec": 10.0, "step_time_s": 0.1, "wall_s": 30.0}
+
+    monkeypatch.setattr(perf, "measure", measure)
+    args = ["perf=cpu", "budget_s=100", "min_row_s=40", "min_compiled_row_s=60", "methods=[clip,smartclip]",
+            "inputs=[resident]", "compile=[false,true]", "openclip=false", f"out_dir={tmp_path}"]
+    assert perf.main(args) == 0
+    # bare, clip (eager); bare, clip (compiled); smartclip (eager); smartclip (compiled)
+    assert given == [("bare step · resident · eager", 100), ("clip · resident · eager", 70),
+                     ("smartclip · resident · eager", 40)]
+    info = json.loads(next(tmp_path.glob("perf-*/perf.json")).read_text())
+    assert [r.get("not_run") for r in info["rows"]] == [
+        None, None, "budget: 40 s of perf.budget_s (100 s) left, under perf.min_compiled_row_s (60 s)",
+        "budget: 40 s of perf.budget_s (100 s) left, under perf.min_compiled_row_s (60 s)", None,
+        "budget: 10 s of perf.budget_s (100 s) left, under perf.min_compiled_row_s (60 s)"]
+    assert perf.budget_refusal(load_spec(["perf=cpu", "budget_s=100"]), {"compile": False}, 0) == \
+        "budget: perf.budget_s (100 s) spent"
+    table = next(tmp_path.glob("perf-*/perf.md")).read_text()
+    assert "| bare step · resident · compiled | not run (budget: 40 s of perf.budget_s (100 s) left" in table
+
+
+def test_the_files_say_before_each_row_which_runs_and_which_are_not_reached(tmp_path, monkeypatch):
+    """perf.json and perf.md are rewritten before and after every row, into out_dir and mirror_dir (a SIGKILL at a
+    call's time limit returns what mirror_dir holds), and each row's log is written into mirror_dir as it runs."""
+    import benchmarks.perf as perf
+
+    seen: list = []
+
+    def measure(spec, row, folder, left_s=None, *, log=None, stop=None):
+        [run] = (tmp_path / "dest").glob("perf-*")
+        assert log == run / "rows" / folder.name / "log.txt"
+        seen.append([r.get("pending") for r in json.loads((run / "perf.json").read_text())["rows"]])
+        seen.append((run / "perf.md").read_text())
+        return {"samples_per_sec": 10.0, "step_time_s": 0.1, "wall_s": 1.0}
+
+    monkeypatch.setattr(perf, "measure", measure)
+    assert perf.main(["perf=cpu", "methods=[clip]", "inputs=[resident]", f"out_dir={tmp_path / 'out'}",
+                      f"mirror_dir={tmp_path / 'dest'}"]) == 0
+    assert seen[0][0].startswith("running since ") and seen[0][1:] == ["not reached yet"] * 2
+    assert "| bare step · resident · eager | not reached yet |" in seen[1]
+    assert seen[4][:2] == [None, None] and seen[4][2].startswith("running since ")  # two measured, one running
+    [run] = (tmp_path / "dest").glob("perf-*")
+    [out] = (tmp_path / "out").glob("perf-*")
+    assert run.name == out.name and (run / "perf.md").read_text() == (out / "perf.md").read_text()
+    final = json.loads((run / "perf.json").read_text())["rows"]
+    assert all("pending" not in r and r["samples_per_sec"] == 10 for r in final)
+
+
+def test_sigterm_stops_the_running_row_and_marks_the_rest(tmp_path, monkeypatch):
+    import os
+    import signal as sig
 
     import benchmarks.perf as perf
 
-    given: list = []
+    calls: list = []
 
-    def measure(spec, row, folder, left_s=None):
-        given.append(left_s)
-        time.sleep(1.2)
-        return {"samples_per_sec": 10.0, "step_time_s": 0.1, "wall_s": 1.2}
+    def measure(spec, row, folder, left_s=None, *, log=None, stop=None):
+        calls.append(row["name"])
+        if len(calls) == 2:
+            os.kill(os.getpid(), sig.SIGTERM)  # perf's handler notes it; a real row is then killed (test below)
+            assert stop.check() == "SIGTERM"
+            return {"error": "stopped after 3 s (SIGTERM): ", "wall_s": 3.0}
+        return {"samples_per_sec": 10.0, "step_time_s": 0.1, "wall_s": 1.0}
 
     monkeypatch.setattr(perf, "measure", measure)
-    assert perf.main(["perf=cpu", "budget_s=1", "methods=[clip]", "inputs=[resident]", f"out_dir={tmp_path}"]) == 0
-    assert len(given) == 1 and 0 < given[0] <= 1  # the first row gets what is left of the budget
-    info = json.loads(next(tmp_path.glob("perf-*/perf.json")).read_text())
-    assert [("samples_per_sec" in r, r.get("not_run")) for r in info["rows"]] == [
-        (True, None), (False, "perf.budget_s (1 s) spent"), (False, "perf.budget_s (1 s) spent")]
-    assert "| bare step · resident · eager | not run: perf.budget_s (1 s) spent |" in \
-        next(tmp_path.glob("perf-*/perf.md")).read_text()
+    before = sig.getsignal(sig.SIGTERM)
+    assert perf.main(["perf=cpu", "methods=[clip]", "inputs=[resident]", f"out_dir={tmp_path}"]) == 143
+    assert sig.getsignal(sig.SIGTERM) == before  # the handler is put back
+    rows = json.loads(next(tmp_path.glob("perf-*/perf.json")).read_text())["rows"]
+    assert len(calls) == 2 and [r.get("not_run") for r in rows] == [None, None, "stopped: SIGTERM"]
+    table = next(tmp_path.glob("perf-*/perf.md")).read_text()
+    assert "| clip · resident · eager | not run (stopped: SIGTERM) |" in table
+
+
+@pytest.mark.parametrize("why", ["signal", "parent gone", "budget"])
+def test_measure_kills_a_row_that_ignores_sigterm(tmp_path, monkeypatch, why):
+    """A Lightning process answers SIGTERM with "Bypassing SIGTERM" and goes on; the row is killed (SIGKILL) when the
+    run is stopped, when the process that started the run is gone (perf_node.sh killed), or at its time limit."""
+    import threading
+
+    import benchmarks.perf as perf
+
+    stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "print('Bypassing SIGTERM', flush=True); time.sleep(120)")
+    monkeypatch.setattr(perf, "command", lambda spec, row, folder: [sys.executable, "-c", stubborn])
+    stop = perf.Stop(watch_parent=why == "parent gone")
+    if why == "signal":
+        threading.Timer(1.0, stop, args=(15, None)).start()
+    elif why == "parent gone":
+        parent = stop.parent
+        threading.Timer(1.0, lambda: monkeypatch.setattr(perf.os, "getppid", lambda: parent + 1)).start()
+    spec = load_spec(["perf=cpu"])
+    start = time.perf_counter()
+    out = perf.measure(spec, {"name": "x"}, tmp_path / "row", 2.0 if why == "budget" else None,
+                       log=tmp_path / "dest" / "log.txt", stop=stop)
+    assert time.perf_counter() - start < 10
+    expected = {"signal": "(SIGTERM)", "parent gone": "(the process that started the run is gone)",
+                "budget": "stopped after 2 s (the rest of perf.budget_s)"}[why]
+    assert expected in out["error"] and "Bypassing SIGTERM" in out["error"]
+    assert (tmp_path / "dest" / "log.txt").read_text().strip() == "Bypassing SIGTERM"
+
+
+def test_lab_rows_share_an_absolute_cache_under_the_run_folder(tmp_path, monkeypatch):
+    """Each row runs in a working folder of its own: a relative cache_dir (.cache) made NegCLIP find its neighbours
+    again in every row."""
+    import benchmarks.perf as perf
+
+    spec = load_spec(["perf=cpu", "methods=[clip,negclip]"])
+    assert not any("cache_dir=" in o for r in plan(spec) for o in r.get("overrides", []))
+    rows: list = []
+    monkeypatch.setattr(perf, "measure", lambda spec, row, *a, **k: rows.append(row) or {"error": "x", "wall_s": 0})
+    assert perf.main(["perf=cpu", "methods=[clip,negclip]", f"out_dir={tmp_path}"]) == 0
+    [run] = tmp_path.glob("perf-*")
+    caches = [[o for o in r["overrides"] if o.startswith("cache_dir=")] for r in rows if r["kind"] != "openclip"]
+    assert len(caches) == 7 and all(c == [f"cache_dir={run / 'cache'}"] for c in caches)
+
+
+def test_the_code_measured_heads_the_table(tmp_path, monkeypatch):
+    """The git commit where there is a checkout; where there is none (a lent machine's copy of the tree), the
+    `commit=` given, taken as written (12e4567 is a float to OmegaConf)."""
+    import benchmarks.perf as perf
+    from benchmarks.perf_report import code_line
+
+    assert load_spec(["perf=cpu", "commit=12e4567"]).commit == "12e4567"
+    assert load_spec(["perf=cpu", "note=a: b"]).note == "a: b"
+    assert code_line({"commit": "12e4567"}, {"commit": None}) == \
+        "Code: `12e4567` (as given by `commit=`; no git checkout where this ran)."
+    assert code_line({}, {"commit": "0123456789abcdef (dirty)"}) == \
+        "Code: commit `0123456789` with uncommitted changes to tracked files (git, where this ran)."
+    assert code_line({"commit": "0123456-dirty"}, {"commit": "0123456789abcdef"}).endswith("(git, where this ran).")
+    assert "`commit=abcdef0` was given" in code_line({"commit": "abcdef0"}, {"commit": "0123456789abcdef"})
+    assert code_line({}, {"commit": None}).startswith("Code: unknown")
+    monkeypatch.setattr(perf, "measure", lambda *a, **k: {"error": "x", "wall_s": 0})
+    monkeypatch.setattr(perf, "environment", lambda: {"commit": None, "gpu": None, "cpu_count": 2, "torch": "t",
+                                                      "lightning": "l", "open_clip": "o"})
+    assert perf.main(["perf=cpu", "methods=[clip]", "commit=0abc123-dirty", f"out_dir={tmp_path}"]) == 0
+    text = next(tmp_path.glob("perf-*/perf.md")).read_text()
+    assert text.splitlines()[2] == "Code: `0abc123-dirty` (as given by `commit=`; no git checkout where this ran)."
 
 
 def test_auto_picks_the_cpu_file_without_a_gpu_and_says_so(capsys, monkeypatch):
@@ -158,7 +303,7 @@ def test_ratios_goals_and_table():
     spec = {"name": "cpu", "note": "", "model": "tiny", "batch_size": 32, "steps": 16, "warmup": 4, "log_every": 4}
     machine = {"gpu": None, "cpu_count": 2, "torch": "t", "lightning": "l", "open_clip": "o"}
     text = markdown({"spec": spec, "machine": machine, "rows": out, "goals": list(checks.values())})
-    assert "| neg r | 80 | 400.0 | 0.80x | 0.40x | 2.00x | 3.00 GiB GPU |" in text
+    assert "| neg r | 80 |  | 400.0 | 0.80x | 0.40x | 2.00x | 3.00 GiB GPU |" in text
     assert "| sc r | failed: exit status 1: boom |" in text and "(NOT met)" in text
 
 
@@ -210,6 +355,11 @@ def test_lab_row_through_the_trainer_on_the_cpu(tmp_path, method, inputs):
     assert out["measured_steps"] == 2 and out["windows"] == 1 and out["samples_per_sec"] > 0 and out["clock"] == "host"
     assert out["precision"] == "32-true" and out["syncs_per_step"] is None  # counted on a GPU only
     assert (out["text_tokens"] is None) == (inputs == "data")  # a data row's length varies per batch
+    if inputs == "data":  # its loader timed alone too (8 batches: 1 left out, 2 timed), the smaller rate reported
+        assert out["loader_batches"] == 2 and out["loader_skipped"] == 1 and out["loader_samples_per_sec"] > 0
+        assert out["samples_per_sec"] == min(out["trainer_samples_per_sec"], out["loader_samples_per_sec"])
+    else:
+        assert "loader_samples_per_sec" not in out
 
 
 def test_a_loader_slower_than_the_step_shows_in_the_rate_as_between_open_clips_log_lines():
@@ -224,6 +374,37 @@ def test_a_loader_slower_than_the_step_shows_in_the_rate_as_between_open_clips_l
     assert out["samples_per_sec"] == pytest.approx(256 * 12 / (11 * 0.02 + 0.5)) and out["windows"] == 10
     assert out["step_time_s"] == pytest.approx((11 * 0.02 + 0.5) / 12)
     assert summarise([0.1] * 7, batch=8, window=2)["measured_steps"] == 6  # a partial last window is left out
+
+
+def test_a_loader_slower_than_the_step_behind_a_full_queue_is_found_by_timing_it_alone():
+    """12 workers x prefetch_factor 4 = 48 batches made ahead: over 100 measured steps a loader 10% slower than the
+    step never empties that queue, so the trainer's rate is the step's. Timed alone, the queued batches left out,
+    the loader gives its own rate, and the row reports the smaller."""
+    from benchmarks.perf_rows import loader_alone, with_loader
+
+    class Loader:  # `ahead` batches ready at once (the queue), then one every `every` seconds
+        def __init__(self, n, ahead, every):
+            self.n, self.ahead, self.every = n, ahead, every
+
+        def __len__(self):
+            return self.n
+
+        def __iter__(self):
+            for k in range(self.n):
+                if k >= self.ahead:
+                    time.sleep(self.every)
+                yield k
+
+    out = loader_alone(Loader(30, ahead=6, every=0.02), 8, ahead=6, batches=12, window=4)
+    assert out["loader_batches"] == 12 and out["loader_skipped"] == 6 and out["loader_windows"] == 3
+    assert 8 / 0.03 < out["loader_samples_per_sec"] <= 8 / 0.02 * 1.01
+    trainer = {"samples_per_sec": 800.0, "step_time_s": 0.01, "measured_steps": 12}
+    row = with_loader(trainer, out)
+    assert row["samples_per_sec"] == out["loader_samples_per_sec"] and row["bound_by"] == "loader"
+    assert row["trainer_samples_per_sec"] == 800 and row["step_time_s"] == pytest.approx(8 / row["samples_per_sec"])
+    assert with_loader(trainer | {"samples_per_sec": 100.0, "step_time_s": 0.08}, out)["bound_by"] == "trainer"
+    with pytest.raises(ValueError, match="gives 6 batches, not more than the 6 made ahead"):
+        loader_alone(Loader(6, ahead=6, every=0), 8, ahead=6, batches=12, window=4)
 
 
 def test_the_bare_step_runs_on_vanilla_clips_resident_batch(tmp_path):
@@ -431,21 +612,27 @@ def test_perf_node_installs_the_wheels_runs_and_keeps_the_results(tmp_path):
     # DEST relative: a path from where the script is called, not from the repo it moves to
     done = _node(tmp_path, "kept", "perf=cpu", "methods=[clip]", "inputs=[resident]", "openclip=false",
                  "bare=false", "batch_size=8", "steps=4", "warmup=1", "log_every=1",
-                 "resident_args=[data.options.train_size=8]", wheels=tmp_path / "whl")
+                 "resident_args=[data.options.train_size=8]", "commit=0abc123", wheels=tmp_path / "whl")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     # pip ran without the wheels on the path; benchmarks.perf with them
     assert (tmp_path / "calls").read_text().split() == ["absent", "importable"]
     [run] = kept.glob("perf-*")
     info = json.loads((run / "perf.json").read_text())
     assert [r["name"] for r in info["rows"]] == ["clip · resident · eager"] and info["rows"][0]["samples_per_sec"] > 0
-    assert "| clip · resident · eager |" in (run / "perf.md").read_text()
-    with tarfile.open(run / "rows.tar.gz") as tar:
-        assert any(name.endswith("/log.txt") for name in tar.getnames())
+    assert "| clip · resident · eager |" in (run / "perf.md").read_text() and info["spec"]["commit"] == "0abc123"
+    assert "samples_per_sec" in (run / "rows" / "00-clip___resident___eager" / "log.txt").read_text()
+    assert sorted(p.name for p in run.iterdir()) == ["perf.json", "perf.md", "rows"]  # no cache, no row configs
+    assert f"perf_node: results in {run}" in done.stdout
 
 
-def test_perf_node_stopped_mid_run_keeps_the_rows_measured(tmp_path):
-    """A lease's time limit stops the script with SIGTERM: the run and its row's process end, and the rows measured
-    so far are kept in DEST (before, the scratch folder holding them was deleted)."""
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_perf_node_stopped_mid_row_has_the_rows_measured_in_dest(tmp_path, how):
+    """A lent machine's call limit stops the script with SIGTERM, or with SIGKILL, which no trap sees: DEST already
+    holds perf.json, perf.md and the logs of every row measured, and of the row running. On SIGTERM the whole run
+    stops within seconds though its Lightning row ignores SIGTERM ("Bypassing SIGTERM"), the files mark the row as
+    stopped and the scratch folder is removed; on SIGKILL the run sees its parent gone and stops too."""
+    import os
+
     _probe_wheel(tmp_path / "whl")
     (tmp_path / "tmp").mkdir()
     bin_dir = tmp_path / "bin"
@@ -454,24 +641,67 @@ def test_perf_node_stopped_mid_run_keeps_the_rows_measured(tmp_path):
     (bin_dir / "python3").chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "WHEELS": str(tmp_path / "whl"), "HOME": str(tmp_path),
            "TMPDIR": str(tmp_path / "tmp")}
-    args = ["perf=cpu", "methods=[clip,negclip]", "inputs=[resident]", "openclip=false", "bare=false", "batch_size=8",
-            "steps=4", "warmup=1", "log_every=1", "resident_args=[data.options.train_size=8]", "variants={}"]
-    proc = subprocess.Popen(["bash", str(ROOT / "benchmarks" / "perf_node.sh"), str(tmp_path / "kept"), *args],
+    # a quick row, then one that would train for minutes
+    args = ["perf=cpu", "methods=[clip]", "inputs=[resident]", "openclip=false", "bare=false", "batch_size=8",
+            "steps=4", "warmup=1", "log_every=1", "resident_args=[data.options.train_size=8]",
+            "variants={slow: [method=clip, trainer.max_steps=1000000]}"]
+    kept = tmp_path / "kept"
+    proc = subprocess.Popen(["bash", str(ROOT / "benchmarks" / "perf_node.sh"), str(kept), *args],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def rows() -> list:
+        found = list(kept.glob("perf-*/perf.json"))
+        return json.loads(found[0].read_text())["rows"] if found else []
+
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        done = [p for p in (tmp_path / "tmp").glob("*/perf-*/perf.json") if json.loads(p.read_text())["rows"]]
-        if done:
+    while time.time() < deadline and proc.poll() is None:  # the slow row has trained for a few steps
+        log = list(kept.glob("perf-*/rows/01-*/log.txt"))
+        if rows() and rows()[1].get("pending", "").startswith("running") and log and log[0].stat().st_size > 0:
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.stdout.read()[-2000:]
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 143
-    [run] = (tmp_path / "kept").glob("perf-*")
-    rows = json.loads((run / "perf.json").read_text())["rows"]
-    assert rows[0]["name"] == "clip · resident · eager" and rows[0]["samples_per_sec"] > 0 and len(rows) == 1
-    assert "| clip · resident · eager |" in (run / "perf.md").read_text()
-    assert not list((tmp_path / "tmp").glob("tmp.*"))  # the script's scratch folders are gone
+    time.sleep(3)
+    [scratch] = (tmp_path / "tmp").glob("tmp.*")
+    group = int((scratch / "pgid").read_text())
+    proc.send_signal(getattr(signal, how))
+    code = proc.wait(timeout=60)
+    [run] = kept.glob("perf-*")
+    assert rows()[0]["name"] == "clip · resident · eager" and rows()[0]["samples_per_sec"] > 0
+    assert (run / "rows" / "00-clip___resident___eager" / "log.txt").is_file()
+    assert (run / "rows" / "01-slow___resident___eager" / "log.txt").is_file()
+
+    def group_gone() -> bool:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    deadline = time.time() + 30
+    while not group_gone() and time.time() < deadline:  # SIGKILL: the run notices its parent is gone
+        time.sleep(0.2)
+    assert group_gone()
+    slow = rows()[1]
+    assert slow["name"] == "slow · resident · eager" and "samples_per_sec" not in slow
+    if how == "SIGTERM":
+        assert code == 143
+        assert slow["error"].startswith("stopped after ") and "(SIGTERM)" in slow["error"]
+        assert "| slow · resident · eager | failed: stopped after" in (run / "perf.md").read_text()
+        assert not list((tmp_path / "tmp").glob("tmp.*"))  # the script's scratch folder is gone
+    else:
+        assert code == -signal.SIGKILL
+        assert "(the process that started the run is gone)" in slow["error"]
+
+
+def test_perf_wheels_starts_from_an_empty_folder():
+    """A wheel of another version left in .whl/ from an earlier `make perf-wheels` would be installed beside the new
+    one on the node (pip refuses two versions of one package): the recipe empties the folder first."""
+    done = subprocess.run(["make", "-n", "perf-wheels", "WHEELS=some/wheels"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith('rm -rf "some/wheels"') and lines[1] == 'mkdir -p "some/wheels"'
+    assert "pip download" in lines[2] and "-d some/wheels" in "\n".join(lines[2:])
 
 
 @pytest.mark.parametrize("case", ["no destination", "no wheels"])
