@@ -21,9 +21,11 @@ from methods.train import build, compose_train
 WORLD, B = 2, 4  # 2 ranks x 4 samples = a global batch of 8
 METHOD_ARGS = {"structureclip": ["method.kee_layers=2", "method.kee_dropout=0"]}  # dropout draws differ per process
 # every method with its default settings, plus variants whose gathering differs (MSG-CLIP without regions and with
-# each entity's own box, SmartCLIP's InfoNCE without the mask network, with its duplicate captions left out)
+# each entity's own box, SmartCLIP's InfoNCE without the mask network, with its duplicate captions left out, and
+# Structure-CLIP's hinge past its warm-up: with no trainer the step is 0, so its default takes the mean-image branch)
 CASES = [(m, ()) for m in METHODS.names()] + [("msgclip", ("method.pooling=text",)), ("msgclip", ("method.pooling=boxes",)),
-                                              ("smartclip", ("method.masked=false",))]
+                                              ("smartclip", ("method.masked=false",)),
+                                              ("structureclip", ("method.hinge_warmup_steps=0",))]
 # SmartCLIP's fixed logit scale of 100 times its weight of 10 amplifies float32 rounding (the two runs sum in
 # different orders) past the tolerance; what is checked is what gets gathered, so it runs in float64
 FLOAT64 = {"smartclip"}
