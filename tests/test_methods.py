@@ -343,3 +343,22 @@ def test_structureclip_hinge_warm_up_is_the_first_steps_of_the_first_epoch(make_
         warm, hard = hinge(0, 50), hinge(0, 100)
         assert not torch.equal(warm, hard)
         torch.testing.assert_close(hinge(1, 64), hard)
+
+
+def test_steptime_times_each_method_on_its_loaders_batches(monkeypatch):
+    """methods.steptime: a median per method, on the batch the method's loader would make (tokens cut)."""
+    from methods import steptime
+    from tests_support import TINY_ARGS
+
+    seen = []
+    original = steptime.build
+
+    def spy(cfg):
+        module, dm = original(cfg)
+        seen.append(dm.collate_fn().keywords["trim_text"])
+        return module, dm
+
+    monkeypatch.setattr(steptime, "build", spy)
+    medians = steptime.time_steps(["clip", "msgclip"], [*TINY_ARGS, "data.batch_size=8"], steps=1, rounds=2)
+    assert set(medians) == {"clip", "msgclip"} and all(t > 0 for t in medians.values())
+    assert seen and all(t > 0 for t in seen)
