@@ -161,8 +161,8 @@ def masked_logits(images: Tensor, masks: Tensor, texts: Tensor, scale: float | T
     stop it reaching AdamW's second moments (the release divides 0 by 0 there, and its fp16 scaler skips the step)."""
     dot = images @ (masks * texts).T  # (R, D) @ (D, C) -> (R, C)
     norm2 = images.square() @ masks.square().T  # (R, D) @ (D, C) -> (R, C)
-    some = norm2 > 1e-24
-    return scale * torch.where(some, dot / norm2.clamp(min=1e-24).sqrt(), dot.new_zeros(()))
+    # (scale * dot) / norm, the order of the figures made before the mask was checked (float rounding differs)
+    return torch.where(norm2 > 1e-24, scale * dot / norm2.clamp(min=1e-24).sqrt(), dot.new_zeros(()))
 
 
 def smart_alignment_losses(images: Tensor, masks: Tensor, texts: Tensor, all_images: Tensor, all_masks: Tensor,
