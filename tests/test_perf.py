@@ -3,6 +3,7 @@ trainer driven and read, the ratios and goals. Speeds are printed by `make perf`
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -696,8 +697,11 @@ def test_perf_node_stopped_mid_row_has_the_rows_measured_in_dest(tmp_path, how):
 def test_perf_wheels_starts_from_an_empty_folder():
     """A wheel of another version left in .whl/ from an earlier `make perf-wheels` would be installed beside the new
     one on the node (pip refuses two versions of one package): the recipe empties the folder first."""
-    done = subprocess.run(["make", "-n", "perf-wheels", "WHEELS=some/wheels"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    # under `make test` the outer make's level and flags are in the environment (a nested make would print
+    # "Entering directory"): this make is a top-level one
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    done = subprocess.run(["make", "--no-print-directory", "-n", "perf-wheels", "WHEELS=some/wheels"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith('rm -rf "some/wheels"') and lines[1] == 'mkdir -p "some/wheels"'
