@@ -143,11 +143,8 @@ class MSGCLIP(ContrastiveMethod):
         # whether some entity has no box: told by the batch on one process; under DDP every rank takes the branch
         # (the ranks must agree, and asking the others would wait for the device), where a boxed entity weighs 0
         if batch["entity_unboxed"] or world > 1:
-            patches = feats["patches"]
             owner = torch.arange(b * e, device=ent.device) // e  # (BE,) this rank's image of each entity
-            all_patches = self.gather(patches)  # (W*B, P, D)
-            t2i = text_pooled_scores(ent, all_patches, self.mcfg.pool_temperature)  # (BE, W*B)
-            i2t = text_pooled_scores(all_ent, patches, self.mcfg.pool_temperature).index_select(1, owner).T  # (BE, W*BE)
+            t2i, i2t = self.text_pooled(ent, all_ent, feats["patches"], owner)
             all_owner = torch.arange(len(all_ent), device=ent.device) // e  # (W*BE,)
             loss = loss + pooled_entity_alignment_loss(
                 t2i, i2t, owner + rank * b, all_owner, key, all_key, all_key.view(-1, e), valid - boxed,
@@ -163,22 +160,26 @@ class MSGCLIP(ContrastiveMethod):
         b, e = ent.shape[:2]
         ent, key, valid = ent.flatten(0, 1), batch["entity_key"].flatten(), batch["entity_valid"].flatten().float()
         all_ent, all_key, all_valid = (self.gather(x) for x in (ent, key, valid))
-        region_valid = batch["region_valid"].float()  # (B, K)
-        all_regions, all_region_valid = self.gather(regions), self.gather(region_valid) > 0.5  # (W*B, K, D), (W*B, K)
+        region_valid = batch["region_valid"]  # (B, K)
+        all_regions, all_region_valid = self.gather(regions), self.gather(region_valid.float()) > 0.5  # (W*B, K, ...)
         owner = torch.arange(b * e, device=ent.device) // e  # (BE,) this rank's image of each entity
         t2i = region_max_scores(ent, all_regions, all_region_valid)  # (BE, W*B)
-        i2t = region_max_scores(all_ent, regions, region_valid > 0.5).index_select(1, owner).T  # (BE, W*BE)
+        i2t = region_max_scores(all_ent, regions, region_valid).index_select(1, owner).T  # (BE, W*BE)
         # whether some image has no region: told by the batch on one process; under DDP every rank takes the branch
         if batch["image_regionless"] or world > 1:
-            patches = feats["patches"]
-            t2i = torch.where(all_region_valid.any(-1)[None, :], t2i,
-                              text_pooled_scores(ent, self.gather(patches), self.mcfg.pool_temperature))
-            pooled = text_pooled_scores(all_ent, patches, self.mcfg.pool_temperature).index_select(1, owner).T
-            i2t = torch.where((region_valid > 0.5).any(-1).index_select(0, owner)[:, None], i2t, pooled)
+            pooled_t2i, pooled_i2t = self.text_pooled(ent, all_ent, feats["patches"], owner)
+            t2i = torch.where(all_region_valid.any(-1)[None, :], t2i, pooled_t2i)
+            i2t = torch.where(region_valid.any(-1).index_select(0, owner)[:, None], i2t, pooled_i2t)
         all_owner = torch.arange(len(all_ent), device=ent.device) // e  # (W*BE,)
         denominator = all_valid.sum().clamp(min=1) / world
         return pooled_entity_alignment_loss(t2i, i2t, owner + rank * b, all_owner, key, all_key, all_key.view(-1, e),
                                             valid, all_valid, 1.0 / self.mcfg.temperature, rank, denominator)
+
+    def text_pooled(self, ent: Tensor, all_ent: Tensor, patches: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
+        """Text-driven pooling's scores (`regions.text_pooled_scores`): t2i (BE, W*B) this rank's entities on every
+        image of the global batch; i2t (BE, W*BE) every entity of the global batch on each entity's own image."""
+        t2i = text_pooled_scores(ent, self.gather(patches), self.mcfg.pool_temperature)
+        return t2i, text_pooled_scores(all_ent, patches, self.mcfg.pool_temperature).index_select(1, owner).T
 
     def triple_loss(self, batch: dict[str, Any], feats: dict[str, Tensor], evidence: Tensor) -> Tensor:
         """TRA over the global batch, with each triple's own hard negatives."""
