@@ -10,15 +10,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import csv
+
 import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from configs.files import keep_aside, write_atomic
+from configs.files import atomic_open, keep_aside, write_atomic
 from datamodules.sampling import derive_seed
 
 
@@ -32,6 +37,44 @@ class LossBar(TQDMProgressBar):
         if loss is not None and trainer.training:
             items["loss"] = f"{float(loss):.4g}"
         return items
+
+
+class _AtomicRewriteWriter(ExperimentWriter):
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        keys = sorted(set(self.metrics_keys).union(*self.metrics))
+        path = self.metrics_file_path
+        if os.path.isfile(path) and keys == self.metrics_keys:
+            with open(path, "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, fieldnames=keys).writerows(self.metrics)
+        else:  # a new file, or a new header: the rows so far and the new ones, written whole and renamed over it
+            rows = []
+            if os.path.isfile(path):
+                with open(path, newline="", encoding="utf-8") as f:
+                    rows = list(csv.DictReader(f))
+            with atomic_open(path) as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows + self.metrics)
+        # only once they are on disk: a failed write (a full disk) leaves the rows and the header to the next save
+        self.metrics_keys, self.metrics = keys, []
+
+
+class RunLogger(CSVLogger):
+    """Lightning's CSVLogger, with metrics.csv never half-written. When a metric name first appears (val/loss at
+    the first epoch end, samples/s a few steps into an attempt), Lightning rewrites the whole file under the new
+    header in place: it truncates the file, then refills it, so a kill in between (SIGKILL, the out-of-memory
+    killer, a node lost) loses every row of the attempt so far. Here the new file is written beside it and renamed
+    over it. Rows under a known header are appended, as Lightning does."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AtomicRewriteWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 class ExactResume(L.Callback):

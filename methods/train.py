@@ -29,7 +29,6 @@ from typing import Any, Mapping
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -40,7 +39,7 @@ from configs.schema import TrainerConfig
 from datamodules import CaptionDataModule, data_schema
 from methods import METHODS, method_schema
 from methods.callbacks import (DataReport, ExactResume, FinishValidationOnSigterm, FolderCheckpoint,
-                              InterruptCheckpoint, LossBar, StepCheckpoint, Throughput)
+                              InterruptCheckpoint, LossBar, RunLogger, StepCheckpoint, Throughput)
 from methods.checkpoints import AtomicCheckpointIO, resume_checkpoint
 
 SCHEMAS = {"method": method_schema, "data": data_schema}
@@ -332,8 +331,9 @@ def run_trainer(cfg: DictConfig, run_dir: Path, throughput: Throughput) -> L.Tra
             DataReport(run_dir),
         ],
         plugins=[AtomicCheckpointIO()],
-        # logged rows reach the disk at once (and before every checkpoint, see ExactResume)
-        logger=CSVLogger(run_dir, name="", version="", flush_logs_every_n_steps=cfg.trainer.log_every_n_steps),
+        # logged rows reach the disk at once (and before every checkpoint, see ExactResume); a new header replaces
+        # the file whole (RunLogger), so a kill never loses the rows already written
+        logger=RunLogger(run_dir, name="", version="", flush_logs_every_n_steps=cfg.trainer.log_every_n_steps),
     )
 
 

@@ -319,3 +319,36 @@ def test_an_error_on_one_ddp_rank_ends_the_run_with_its_message(tmp_path):
     steps = {p.name: read_checkpoint(p)["global_step"] for p in (run / "checkpoints").glob("*.ckpt")}
     assert steps.get("step.ckpt") == 2 and all(step == 2 for step in steps.values()), steps
     assert not (run / "done.json").exists()
+
+
+@pytest.mark.parametrize("logger_class", ["RunLogger", "CSVLogger"])
+def test_a_kill_while_a_new_metric_rewrites_metrics_csv_loses_no_row(tmp_path, monkeypatch, logger_class):
+    """A metric name that first appears mid-run (samples/s five steps into an attempt) makes the logger rewrite
+    metrics.csv under a new header. A run killed during that rewrite (here: its writing fails half-way) must still
+    have every row written before it; Lightning's own CSVLogger, which truncates the file first, has none."""
+    from lightning.pytorch.loggers import CSVLogger
+    from methods.callbacks import RunLogger
+
+    logger = {"RunLogger": RunLogger, "CSVLogger": CSVLogger}[logger_class](tmp_path, name="", version="",
+                                                                            flush_logs_every_n_steps=1)
+    for step in range(3):
+        logger.log_metrics({"train/loss": 1.0 + step}, step=step)
+    path = tmp_path / "metrics.csv"
+    assert [r["step"] for r in csv.DictReader(path.open())] == ["0", "1", "2"]
+
+    def killed(self, rows):
+        raise KeyboardInterrupt("killed mid-rewrite")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        logger.log_metrics({"train/loss": 4.0, "train/samples_per_sec": 9.0}, step=3)
+    monkeypatch.undo()
+    rows = list(csv.DictReader(path.open()))
+    if logger_class == "CSVLogger":  # the failure this guards against, shown on Lightning's writer
+        assert rows == []
+        return
+    assert [(r["step"], r["train/loss"]) for r in rows] == [("0", "1.0"), ("1", "2.0"), ("2", "3.0")]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temporary file left
+    logger.log_metrics({"train/loss": 5.0, "train/samples_per_sec": 8.0}, step=4)  # goes on under the new header
+    rows = list(csv.DictReader(path.open()))
+    assert [r["step"] for r in rows] == ["0", "1", "2", "3", "4"] and rows[-1]["train/samples_per_sec"] == "8.0"
