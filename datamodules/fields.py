@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from configs.registry import Registry
+from datamodules import facts
 from datamodules.decoded import image_size
 from datamodules.graph import Box, Entity, SceneGraph, indefinite
 from datamodules.negatives import mentions, symmetric
@@ -47,6 +48,7 @@ NEEDS: dict[str, tuple[str, Callable[[Sample], bool]]] = {
     "caption_graph": ("scene graphs", lambda s: bool(s.extra.get("caption_graphs")) or s.graph is not None),
 }
 NEEDS["caption_triples"] = NEEDS["caption_graph"]
+NEEDS["image_facts"] = ("scene graphs of images", lambda s: s.graph is not None)
 NEEDS["swap_probe"] = NEEDS["neg_text"]
 # the fields holding caption token ids in the tokenizer's context (a loader may cut them to the batch's longest)
 CAPTION_TOKEN_FIELDS = ("text", "neg_text", "hard_text", "hard_neg_text", "partial_text", "entity_text", "triple_text",
@@ -90,19 +92,27 @@ def granular_text_field(sample: Sample, caption_index: int, ctx: FieldContext) -
     captions (COCO, Flickr30k) gets methods.md's adaptation: the drawn caption followed by the image's other
     captions, as sentences, its prefixes the granularities (the 77-token context cuts the longest ones)."""
     drawn = sample.captions[caption_index]
+    whole = drawn_caption_graph(sample, caption_index)  # the drawn caption's own graph, where the source has it
     sentences = drawn.replace("\n", " ").split(". ")
     if len(sentences) == 1 and not sample.partial_captions and len(sample.captions) > 1:
         others = [c for k, c in enumerate(sample.captions) if k != caption_index]
         sentences = [s.strip().rstrip(".") for s in [drawn, *others]]
         choices = [drawn] + [". ".join(sentences[:k]) + "." for k in range(2, len(sentences) + 1)]
+        graphs = [whole] + [None] * (len(choices) - 1)
     else:
         choices = [". ".join(sentences[:k]) for k in range(1, len(sentences) + 1)]
-    choices = list(sample.partial_captions) + choices
-    text = ctx.rng.choice(choices)
+        graphs = [None] * (len(choices) - 1) + [whole]  # a prefix of several sentences: its graph is not known
+    partial_graphs = sample.extra.get("partial_graphs") or [None] * len(sample.partial_captions)
+    choices, graphs = list(sample.partial_captions) + choices, list(partial_graphs) + graphs
+    pick = ctx.rng.randrange(len(choices))  # one draw, as rng.choice(choices) makes
+    text = choices[pick]
     # caption_key: the same caption drawn for two images of a batch is a true match of both (partial captions
-    # repeat: about 40% of a shapes-world batch of 128 has a twin), which the loss can leave out of its negatives
+    # repeat: about 40% of a shapes-world batch of 128 has a twin), which the loss can leave out of its negatives;
+    # caption_facts: what the drawn caption claims, to find the other images of the batch it is true of
     tokens = ctx.tokenize([text])[0]
-    return {"text": tokens, "caption": text, "caption_key": torch.tensor(token_key(tokens), dtype=torch.long)}
+    return {"text": tokens, "caption": text, "caption_key": torch.tensor(token_key(tokens), dtype=torch.long),
+            "caption_facts": claimed_fact_keys(graphs[pick])}
+
 
 @FIELDS.register("caption_key")
 def caption_key_field(sample: Sample, caption_index: int, ctx: FieldContext) -> dict[str, torch.Tensor]:
@@ -111,6 +121,50 @@ def caption_key_field(sample: Sample, caption_index: int, ctx: FieldContext) -> 
     captions). The tokenizer caches, so the `text` field's tokens are not made twice."""
     tokens = ctx.tokenize([sample.captions[caption_index]])[0]
     return {"caption_key": torch.tensor(token_key(tokens), dtype=torch.long)}
+
+
+@FIELDS.register("caption_facts")
+def caption_facts_field(sample: Sample, caption_index: int, ctx: FieldContext) -> torch.Tensor:
+    """What the drawn caption claims (`facts.claimed` of its own graph), as fact keys padded with -1 to
+    (MAX_CLAIMED_FACTS,); all -1 where the source gives no graph of the caption (nothing is known to be true)."""
+    return claimed_fact_keys(drawn_caption_graph(sample, caption_index))
+
+
+@FIELDS.register("image_facts")
+def image_facts_field(sample: Sample, caption_index: int, ctx: FieldContext) -> torch.Tensor:
+    """What the image's scene graph makes true (`facts.held`: drawn but unmentioned objects too, where the source
+    gives the whole graph as extra["image_graph"]), as fact keys padded with -1 to (MAX_HELD_FACTS,); the most
+    specific facts of a graph with more are left out (its image then stays a negative of such a caption)."""
+    graph = sample.extra.get("image_graph") or sample.graph
+    keys = [fact_key(f) for f in facts.held(graph, sample.extra.get("converse_predicates"))][:MAX_HELD_FACTS]
+    out = torch.full((MAX_HELD_FACTS,), -1, dtype=torch.long)
+    out[:len(keys)] = torch.tensor(keys, dtype=torch.long)
+    return out
+
+
+MAX_CLAIMED_FACTS = 8
+MAX_HELD_FACTS = 256
+FACT_KEY_BITS = 40  # `losses.true_of` packs a fact key and an image's index into one int64
+
+
+def fact_key(fact: str) -> int:
+    return stable_key(fact.encode()) >> (63 - FACT_KEY_BITS)
+
+
+def drawn_caption_graph(sample: Sample, caption_index: int) -> SceneGraph | None:
+    """The graph of caption `caption_index` where the source gives each caption's own (not the image's)."""
+    graphs = sample.extra.get("caption_graphs")
+    return graphs[caption_index] if graphs else None
+
+
+def claimed_fact_keys(graph: SceneGraph | None) -> torch.Tensor:
+    """(MAX_CLAIMED_FACTS,) keys of what a caption of this graph claims; all -1 for no graph, or for one that
+    claims more than fit (a claim cut short would be true of images the caption is false of)."""
+    out = torch.full((MAX_CLAIMED_FACTS,), -1, dtype=torch.long)
+    claims = facts.claimed(graph) if graph is not None else []
+    if 0 < len(claims) <= MAX_CLAIMED_FACTS:
+        out[:len(claims)] = torch.tensor([fact_key(f) for f in claims], dtype=torch.long)
+    return out
 
 
 @FIELDS.register("caption_graph")

@@ -34,6 +34,7 @@ PREDICATES = {
     "below": ("below", "above", 1, 1),
 }
 PREDICATE_PHRASES = {p: v[0] for p, v in PREDICATES.items()}
+CONVERSE = {p: v[1] for p, v in PREDICATES.items()}
 # Full-caption templates; every one is true of the scene, in both directions of each relation.
 TEMPLATES = ("{a_s} {p} {a_o}", "there is {a_s} {p} {a_o}", "the {s} is {p} the {o}")
 SPLIT_STREAM = {name: i for i, name in enumerate(SPLITS)}  # disjoint seed streams per split
@@ -288,10 +289,15 @@ class ShapesWorld:
     def partial_captions(self, graph: SceneGraph) -> list[str]:
         """True captions of part of the scene: each mentioned object alone, each relation without attributes."""
         g = self.mentioned(graph)
-        objects = [indefinite(phrase(e)) for e in g.objects]
+        return [indefinite(phrase(e)) for e in g.objects] + [render_caption(p) for p in self.partial_graphs(graph)[
+            len(g.objects):]]
+
+    def partial_graphs(self, graph: SceneGraph) -> list[SceneGraph]:
+        """The graph of each partial caption, in the same order: one object with its attributes, or one relation
+        between bare objects."""
+        g = self.mentioned(graph)
         bare = g.with_objects(tuple(Entity(e.name) for e in g.objects))
-        relations = [render_caption(bare.with_relations((r,))) for r in bare.relations]
-        return objects + relations
+        return [SceneGraph((e,)) for e in g.objects] + [bare.with_relations((r,)) for r in bare.relations]
 
     def __getitem__(self, index: int) -> Sample:
         graph = self.graph(index)
@@ -306,6 +312,11 @@ class ShapesWorld:
             extra={
                 # each caption's own scene graph (a converse caption states the converse relation)
                 "caption_graphs": [converse(g) if conv else g for _, conv in forms],
+                # each partial caption's graph; the image's whole graph (distractors too) and each predicate's
+                # converse: what makes a caption true of the image (datamodules/facts.py)
+                "partial_graphs": self.partial_graphs(graph),
+                "image_graph": graph,
+                "converse_predicates": CONVERSE,
                 # how captions say each predicate, for fields that render a relation as text
                 "predicate_phrases": PREDICATE_PHRASES,
                 # caption index -> {kind: false caption}, made only when a method asks for it

@@ -16,26 +16,48 @@ def positive_columns(b: int, rank: int, device: torch.device) -> Tensor:
     return torch.arange(b, device=device) + rank * b  # (B,)
 
 
+def directions(same: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(image->text, text->image) true-match masks, each (B, W*B), from one mask for both or a pair."""
+    return same if isinstance(same, tuple) else (same, same)
+
+
+def true_of(claims: Tensor, held: Tensor) -> Tensor:
+    """(R, C) True where caption r is true of image c: every fact it claims (claims (R, Kc), keys of
+    `datamodules.facts.claimed`) is one the image holds (held (C, Ki), of `facts.held`); -1 pads both. A caption
+    that claims nothing known (all -1) is true of no image. Fact keys are below 2**40 (`fields.FACT_KEY_BITS`)."""
+    c = held.shape[0]
+    if c >= 1 << 20:
+        raise ValueError(f"true_of: {c} images; at most {(1 << 20) - 1} (an image's index takes 20 bits)")
+    cols = torch.arange(c, device=held.device)
+    # (fact, image) packed into one int64, so one sorted membership test answers every (caption, image) pair
+    have = torch.where(held >= 0, (held << 20) | cols[:, None], -1)  # (C, Ki); a pad matches no ask (asks >= 0)
+    ask = (claims.clamp(min=0)[:, :, None] << 20) | cols[None, None, :]  # (R, Kc, C)
+    found = torch.isin(ask, have.flatten()) | (claims < 0)[:, :, None]
+    return found.all(dim=1) & (claims >= 0).any(dim=1)[:, None]
+
+
 def contrastive_loss(image_features: Tensor, text_features: Tensor, all_image_features: Tensor,
                      all_text_features: Tensor, logit_scale: Tensor, rank: int = 0, *,
                      all_extra_text: Tensor | None = None, all_extra_valid: Tensor | None = None,
-                     same: Tensor | None = None) -> Tensor:
+                     same: Tensor | tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Symmetric InfoNCE: this rank's rows against the global batch. Features are L2-normalised.
 
     `all_extra_text` (N_extra, D) are extra columns for image->text only (NegCLIP's hard negative captions);
     `all_extra_valid` (N_extra,) masks out the ones that do not exist. Text->image sees only the positives'
     images, as NegCLIP's reference does (`logits_per_text[:len(logits_per_image)]`).
     `same` (B, W*B): pairs that are true matches besides the positive (two images drawn with one caption), left
-    out of both directions' softmaxes.
+    out of both directions' softmaxes; or a pair of them, (image i: caption j true of it, caption i: true of
+    image j), where the two differ (`true_of`).
     """
     labels = positive_columns(image_features.shape[0], rank, image_features.device)
     texts = all_text_features
     logits_per_image = logit_scale * image_features @ texts.T  # (B, W*B)
     logits_per_text = logit_scale * text_features @ all_image_features.T  # (B, W*B)
     if same is not None:
-        others = same & (labels[:, None] != torch.arange(same.shape[1], device=same.device))
-        logits_per_image = logits_per_image.masked_fill(others, float("-inf"))
-        logits_per_text = logits_per_text.masked_fill(others, float("-inf"))
+        i2t, t2i = directions(same)
+        own = labels[:, None] == torch.arange(i2t.shape[1], device=i2t.device)  # (B, W*B)
+        logits_per_image = logits_per_image.masked_fill(i2t & ~own, float("-inf"))
+        logits_per_text = logits_per_text.masked_fill(t2i & ~own, float("-inf"))
     if all_extra_text is not None:
         extra = logit_scale * image_features @ all_extra_text.T  # (B, N_extra)
         if all_extra_valid is not None:
@@ -167,17 +189,19 @@ def masked_logits(images: Tensor, masks: Tensor, texts: Tensor, scale: float | T
 
 def smart_alignment_losses(images: Tensor, masks: Tensor, texts: Tensor, all_images: Tensor, all_masks: Tensor,
                            all_texts: Tensor, scale: float | Tensor, rank: int = 0,
-                           same: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                           same: Tensor | tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """SmartCLIP's two masked contrastive terms, as released: `sidm` (same image, each candidate caption with
     its own mask: image i against every caption j of the global batch) and `dism` (same mask, different
     images: caption i with its mask against every image). images (B, D) unnormalised; masks (B, D);
     texts (B, D) normalised; all_* their global batch (W*B, D). `same` (B, W*B): columns whose caption is row
-    i's own (another image drawn with the same caption), left out of both softmaxes (not in the release)."""
+    i's own (another image drawn with the same caption), left out of both softmaxes (not in the release); or a
+    pair (captions true of image i, for sidm; images caption i is true of, for dism)."""
     target = positive_columns(images.shape[0], rank, images.device)
     sidm = masked_logits(images, all_masks, all_texts, scale)  # (B, W*B)
     dism = masked_logits(all_images, masks, texts, scale).T  # (W*B, B) -> (B, W*B)
     if same is None:
         return F.cross_entropy(sidm, target), F.cross_entropy(dism, target)
+    i2t, t2i = directions(same)
     b = images.shape[0]
     ones = sidm.new_ones(b)
-    return masked_infonce_sum(sidm, target, same, ones) / b, masked_infonce_sum(dism, target, same, ones) / b
+    return masked_infonce_sum(sidm, target, i2t, ones) / b, masked_infonce_sum(dism, target, t2i, ones) / b

@@ -12,7 +12,9 @@ base module's `own_param_groups`. Captions of several granularities come from th
 
 Departures, stated: a caption drawn for two images of the global batch is a negative of neither
 (`exclude_duplicates`, on in configs/method/smartclip.yaml; the release's long captions rarely repeat, the lab's
-partial captions do). The hard mask is on where the mask network's logit is >= 0 (the release thresholds the
+partial captions do). `exclude_entailed` (off unless set) goes further where the data has scene graphs: a caption
+true of another image of the batch ("a red circle" of every image with a red circle) is not that image's negative
+(datamodules/facts.py). The hard mask is on where the mask network's logit is >= 0 (the release thresholds the
 sigmoid at 0.5, which bf16 rounds to 0.5 for logits just below 0). The release's mask width is the text width,
 equal to the embedding width in its models; where they differ a linear map to the embedding width is added (not for
 the default model).
@@ -28,7 +30,7 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
 from methods.base import METHODS, ContrastiveMethod, dist_info
-from methods.losses import smart_alignment_losses
+from methods.losses import smart_alignment_losses, true_of
 from methods.towers import encode_text_tokens
 
 
@@ -82,6 +84,11 @@ class SmartCLIP(ContrastiveMethod):
         # partial captions do (about 40% of a batch of 128 has a twin). False (the default of a run made before the
         # key existed): as released; configs/method/smartclip.yaml turns it on
         exclude_duplicates: bool = False
+        # a caption the scene graph of another image of the global batch makes true ("a red circle", drawn for one
+        # image, of every other image with a red circle) is a negative of neither: out of that image's softmax over
+        # captions (sidm) and of the caption's over images (dism). Needs graphs of images and captions (the shapes
+        # world, Visual Genome); datamodules/facts.py says what counts as true. Not in the release
+        exclude_entailed: bool = False
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg)
@@ -97,9 +104,11 @@ class SmartCLIP(ContrastiveMethod):
         self.model.logit_scale.requires_grad_(self.mcfg.scale <= 0 or not self.mcfg.masked)
 
     def fields(self) -> tuple[str, ...]:
+        entailed = ("image_facts",) if self.mcfg.exclude_entailed else ()
         if self.mcfg.granularity:
-            return ("granular_text",)  # its captions come with their caption_key
-        return ("caption_key",) if self.mcfg.exclude_duplicates else ()
+            return ("granular_text", *entailed)  # its captions come with their caption_key and caption_facts
+        duplicates = ("caption_key",) if self.mcfg.exclude_duplicates else ()
+        return (*duplicates, *(("caption_facts", *entailed) if entailed else ()))
 
     def own_param_groups(self) -> dict[str, dict[str, Any]]:
         if self.mask_net is None:
@@ -122,15 +131,28 @@ class SmartCLIP(ContrastiveMethod):
         text, states = encode_text_tokens(self.model, batch["text"])  # every position, as the release's mask net sees
         return {"image_raw": image, "text_features": F.normalize(text, dim=-1), "mask": self.masks(states)}
 
-    def same_captions(self, batch: dict[str, Any]) -> Tensor | None:
-        """(B, W*B): True where column j's caption is row i's (its own column included), or None when off."""
-        if not self.mcfg.exclude_duplicates:
-            return None
-        if "caption_key" not in batch:  # the fields ask for it; a batch made some other way must bring it too
-            raise KeyError(f"method.exclude_duplicates: the batch has no caption_key (fields: {', '.join(batch)}); "
-                           "build it with the method's fields, or set method.exclude_duplicates=false")
-        key = batch["caption_key"]
-        return key[:, None] == self.gather(key)[None, :]
+    def same_captions(self, batch: dict[str, Any]) -> Tensor | tuple[Tensor, Tensor] | None:
+        """The true matches left out of the negatives, or None when both exclusions are off.
+        `exclude_duplicates`: (B, W*B), True where column j's caption is row i's (its own column included).
+        `exclude_entailed`: a pair (B, W*B) each: captions j true of image i, and images j caption i is true of
+        (the twins among them)."""
+        twins = None
+        if self.mcfg.exclude_duplicates:
+            key = self._field(batch, "caption_key", "exclude_duplicates")
+            twins = key[:, None] == self.gather(key)[None, :]
+        if not self.mcfg.exclude_entailed:
+            return twins
+        claims = self._field(batch, "caption_facts", "exclude_entailed")
+        held = self._field(batch, "image_facts", "exclude_entailed")
+        i2t, t2i = true_of(self.gather(claims), held).T, true_of(claims, self.gather(held))  # (B, W*B) each
+        return (i2t, t2i) if twins is None else (i2t | twins, t2i | twins)
+
+    @staticmethod
+    def _field(batch: dict[str, Any], name: str, option: str) -> Tensor:
+        if name not in batch:  # the fields ask for it; a batch made some other way must bring it too
+            raise KeyError(f"method.{option}: the batch has no {name} (fields: {', '.join(batch)}); "
+                           f"build it with the method's fields, or set method.{option}=false")
+        return batch[name]
 
     def loss_terms(self, batch: dict[str, Any], feats: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.mask_net is None:

@@ -21,10 +21,12 @@ from methods.train import build, compose_train
 WORLD, B = 2, 4  # 2 ranks x 4 samples = a global batch of 8
 METHOD_ARGS = {"structureclip": ["method.kee_layers=2", "method.kee_dropout=0"]}  # dropout draws differ per process
 # every method with its default settings, plus variants whose gathering differs (MSG-CLIP without regions and with
-# each entity's own box, SmartCLIP's InfoNCE without the mask network, with its duplicate captions left out, and
+# each entity's own box, SmartCLIP's InfoNCE without the mask network, with captions true of other images left
+# out (one direction each, so each rank gathers both the claims and the images' facts), and
 # Structure-CLIP's hinge past its warm-up: with no trainer the step is 0, so its default takes the mean-image branch)
 CASES = [(m, ()) for m in METHODS.names()] + [("msgclip", ("method.pooling=text",)), ("msgclip", ("method.pooling=boxes",)),
                                               ("smartclip", ("method.masked=false",)),
+                                              ("smartclip", ("method.exclude_entailed=true",)),
                                               ("structureclip", ("method.hinge_warmup_steps=0",))]
 # SmartCLIP's fixed logit scale of 100 times its weight of 10 amplifies float32 rounding (the two runs sum in
 # different orders) past the tolerance; what is checked is what gets gathered, so it runs in float64
@@ -44,6 +46,12 @@ def make_module_and_items(method: str, cache_dir: str, extra: tuple[str, ...] = 
     if method == "smartclip":  # one caption drawn twice on one rank and across ranks: true matches, not negatives
         items[2]["caption_key"] = items[0]["caption_key"].clone()
         items[1 + B]["caption_key"] = items[1]["caption_key"].clone()
+        if "image_facts" in items[0]:  # caption 0 is true of image B too (the other rank), not the other way
+            items[B]["image_facts"] = torch.cat([items[0]["image_facts"], items[B]["image_facts"]])[:len(
+                items[0]["image_facts"])]
+            batch = collate(items)
+            i2t, t2i = module.same_captions(batch)
+            assert t2i[0, B] and i2t[B, 0] and not t2i[B, 0], "the case must cross the ranks in one direction"
     if method in FLOAT64:
         module.double()
     return module, items
