@@ -187,3 +187,27 @@ def test_a_hub_dataset_gives_the_same_graphs(tmp_path):
     for k in (0, 4, 7):
         assert hub[k].graph == local[k].graph and hub[k].captions == local[k].captions
         assert list(hub[k].image.getdata()) == list(local[k].image.getdata())
+
+
+def test_what_each_caption_claims_is_held_by_its_own_image(tmp_path):
+    """SmartCLIP's `exclude_entailed` on Visual Genome: each rendered caption's claims are facts its own image's
+    graph holds; a caption is true of another image only where that image's graph holds them all; region
+    descriptions (no graph of their own) claim nothing known."""
+    import torch
+    from methods.losses import true_of
+
+    make_vg(tmp_path / "vg")
+    src = VG(cfg_of(tmp_path / "vg", tmp_path), "train")
+    claims_of, held_of = FIELDS.get("caption_facts"), FIELDS.get("image_facts")
+    samples = [src[i] for i in range(len(src))]
+    held = torch.stack([held_of(s, 0, None) for s in samples])
+    for i, s in enumerate(samples):
+        claims = torch.stack([claims_of(s, k, None) for k in range(len(s.captions))])
+        assert (claims >= 0).any(1).all()
+        assert true_of(claims, held)[:, i].all(), s.key  # every caption is true of its own image
+    red_shade = claims_of(samples[0], 1, None)[None]  # "the red shade"
+    for j, s in enumerate(samples):
+        has = any(e.name == "shade" and "red" in e.attributes for e in s.graph.objects)
+        assert bool(true_of(red_shade, held)[0, j]) == has, s.key
+    regions = VG(cfg_of(tmp_path / "vg", tmp_path, region_descriptions="region_descriptions.json"), "train")
+    assert (claims_of(regions[3], 0, None) == -1).all()
