@@ -11,7 +11,9 @@ of a small red circle), and each relation with its ends named bare or with all t
 ways where the converse is known (`converse`: "left of" -> "right of") and both ways for a symmetric predicate
 ("next to"). Held facts are a lower bound: a claim the graph does not state (a relation with only one of an
 end's attributes, a relation the graph leaves out) counts as false, so the image stays a negative, as it is
-without this check.
+without this check. Facts do not say which object they are about: "a left of b, and b above c" is held by an
+image where a is left of one b and another b is above c. The lab's sources are safe: a shapes-world scene never
+repeats a shape, and each of Visual Genome's rendered captions states one relation or one attribute.
 """
 from __future__ import annotations
 

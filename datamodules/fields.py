@@ -48,7 +48,10 @@ NEEDS: dict[str, tuple[str, Callable[[Sample], bool]]] = {
     "caption_graph": ("scene graphs", lambda s: bool(s.extra.get("caption_graphs")) or s.graph is not None),
 }
 NEEDS["caption_triples"] = NEEDS["caption_graph"]
-NEEDS["image_facts"] = ("scene graphs of images", lambda s: s.graph is not None)
+# what makes a caption true of an image: the image's graph, and graphs of the captions drawn (without them no
+# caption claims anything known, and leaving true captions out of the negatives would do nothing)
+NEEDS["image_facts"] = ("scene graphs of images and of their captions", lambda s: s.graph is not None and bool(
+    s.extra.get("caption_graphs") or s.extra.get("partial_graphs")))
 NEEDS["swap_probe"] = NEEDS["neg_text"]
 # the fields holding caption token ids in the tokenizer's context (a loader may cut them to the batch's longest)
 CAPTION_TOKEN_FIELDS = ("text", "neg_text", "hard_text", "hard_neg_text", "partial_text", "entity_text", "triple_text",

@@ -296,8 +296,9 @@ class ShapesWorld:
         """The graph of each partial caption, in the same order: one object with its attributes, or one relation
         between bare objects."""
         g = self.mentioned(graph)
-        bare = g.with_objects(tuple(Entity(e.name) for e in g.objects))
-        return [SceneGraph((e,)) for e in g.objects] + [bare.with_relations((r,)) for r in bare.relations]
+        return [SceneGraph((e,)) for e in g.objects] + [
+            SceneGraph((Entity(g.objects[r.subject].name), Entity(g.objects[r.object].name)),
+                       (Relation(0, r.predicate, 1),)) for r in g.relations]
 
     def __getitem__(self, index: int) -> Sample:
         graph = self.graph(index)

@@ -47,7 +47,13 @@ class _AtomicRewriteWriter(ExperimentWriter):
         path = self.metrics_file_path
         if os.path.isfile(path) and keys == self.metrics_keys:
             with open(path, "a", newline="", encoding="utf-8") as f:
-                csv.DictWriter(f, fieldnames=keys).writerows(self.metrics)
+                end = f.tell()
+                try:
+                    csv.DictWriter(f, fieldnames=keys).writerows(self.metrics)
+                    f.flush()
+                except BaseException:  # a full disk mid-append: no torn line, and no row twice after the next save
+                    f.truncate(end)
+                    raise
         else:  # a new file, or a new header: the rows so far and the new ones, written whole and renamed over it
             rows = []
             if os.path.isfile(path):
@@ -66,7 +72,8 @@ class RunLogger(CSVLogger):
     the first epoch end, samples/s a few steps into an attempt), Lightning rewrites the whole file under the new
     header in place: it truncates the file, then refills it, so a kill in between (SIGKILL, the out-of-memory
     killer, a node lost) loses every row of the attempt so far. Here the new file is written beside it and renamed
-    over it. Rows under a known header are appended, as Lightning does."""
+    over it. Rows under a known header are appended, as Lightning does (an append that fails is cut back off).
+    Local folders only (a run folder always is), not fsspec URLs."""
 
     @property
     @rank_zero_experiment

@@ -46,9 +46,8 @@ def make_module_and_items(method: str, cache_dir: str, extra: tuple[str, ...] = 
     if method == "smartclip":  # one caption drawn twice on one rank and across ranks: true matches, not negatives
         items[2]["caption_key"] = items[0]["caption_key"].clone()
         items[1 + B]["caption_key"] = items[1]["caption_key"].clone()
-        if "image_facts" in items[0]:  # caption 0 is true of image B too (the other rank), not the other way
-            items[B]["image_facts"] = torch.cat([items[0]["image_facts"], items[B]["image_facts"]])[:len(
-                items[0]["image_facts"])]
+        if "image_facts" in items[0]:  # image B (the other rank) is given image 0's facts: caption 0 is true of it
+            items[B]["image_facts"] = items[0]["image_facts"].clone()
             batch = collate(items)
             i2t, t2i = module.same_captions(batch)
             assert t2i[0, B] and i2t[B, 0] and not t2i[B, 0], "the case must cross the ranks in one direction"

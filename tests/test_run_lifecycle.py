@@ -352,3 +352,47 @@ def test_a_kill_while_a_new_metric_rewrites_metrics_csv_loses_no_row(tmp_path, m
     logger.log_metrics({"train/loss": 5.0, "train/samples_per_sec": 8.0}, step=4)  # goes on under the new header
     rows = list(csv.DictReader(path.open()))
     assert [r["step"] for r in rows] == ["0", "1", "2", "3", "4"] and rows[-1]["train/samples_per_sec"] == "8.0"
+
+
+def test_the_run_logger_writes_the_bytes_lightnings_csv_logger_writes(tmp_path):
+    """The same rows, new columns appearing in between (each a rewrite), give the same metrics.csv, byte for byte."""
+    from lightning.pytorch.loggers import CSVLogger
+    from methods.callbacks import RunLogger
+
+    files = []
+    for cls in (RunLogger, CSVLogger):
+        folder = tmp_path / cls.__name__
+        logger = cls(folder, name="", version="", flush_logs_every_n_steps=2)
+        for step in range(7):
+            row = {"train/loss": 1.0 / (step + 1), "lr": 0.5}
+            if step >= 3:
+                row["train/samples_per_sec"] = 100.0 + step
+            if step == 5:
+                row["val/loss"] = torch.tensor(0.25)
+                row["note/ü"] = 1.5
+            logger.log_metrics(row, step=step)
+        logger.save()
+        files.append((folder / "metrics.csv").read_bytes())
+    assert files[0] == files[1] and files[0].count(b"\r\n") == 8
+
+
+def test_a_failed_append_is_cut_back_off_and_written_once_by_the_next_save(tmp_path, monkeypatch):
+    from methods.callbacks import RunLogger
+
+    logger = RunLogger(tmp_path, name="", version="", flush_logs_every_n_steps=1)
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    path = tmp_path / "metrics.csv"
+    before = path.read_bytes()
+    real = csv.DictWriter.writerows
+
+    def half(self, rows):
+        self.writer.writerow(["1", "2.0"][:1])  # part of a row reaches the file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", half)
+    with pytest.raises(OSError):
+        logger.log_metrics({"train/loss": 2.0}, step=1)
+    assert path.read_bytes() == before
+    monkeypatch.setattr(csv.DictWriter, "writerows", real)
+    logger.log_metrics({"train/loss": 3.0}, step=2)
+    assert [r["step"] for r in csv.DictReader(path.open())] == ["0", "1", "2"]

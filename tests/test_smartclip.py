@@ -278,6 +278,13 @@ def test_true_of_against_sets():
     assert got[1, 2] and not got[0].any()
     big = torch.tensor([[(1 << 40) - 1]])  # the largest fact key
     assert true_of(big, big).item() and not true_of(big, big - 1).item()
+    # the packing: 1,100 images (more than 2**10), keys that differ only in their highest bit, or in the lowest
+    n, high = 1100, 1 << 39
+    held = torch.stack([torch.arange(n) * 2 + high, torch.arange(n) * 2 + 1], dim=1)  # image j: 2j + 2**39, 2j + 1
+    claims = torch.stack([torch.arange(n) * 2 + high, torch.arange(n) * 2], dim=1)[:, :1]  # caption j: 2j + 2**39
+    assert torch.equal(true_of(claims, held), torch.eye(n, dtype=torch.bool))
+    assert not true_of(claims - high, held).any()  # 2j without the high bit: held by no image
+    assert not true_of(held[:, 1:] + 1, held).any()  # 2j + 2: never held (2(j+1) + 2**39 differs in the high bit)
 
 
 def test_each_direction_leaves_out_its_own_true_matches_by_hand_and_over_ranks():

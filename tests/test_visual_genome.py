@@ -211,3 +211,7 @@ def test_what_each_caption_claims_is_held_by_its_own_image(tmp_path):
         assert bool(true_of(red_shade, held)[0, j]) == has, s.key
     regions = VG(cfg_of(tmp_path / "vg", tmp_path, region_descriptions="region_descriptions.json"), "train")
     assert (claims_of(regions[3], 0, None) == -1).all()
+    from datamodules.fields import check_source_offers
+    check_source_offers(("granular_text", "image_facts"), samples[0], "visual_genome")  # rendered captions: fine
+    with pytest.raises(ValueError, match="offers no scene graphs of images and of their captions"):
+        check_source_offers(("granular_text", "image_facts"), regions[3], "visual_genome")  # it would do nothing
