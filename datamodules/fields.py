@@ -63,9 +63,12 @@ def check_source_offers(fields: tuple[str, ...], sample: Sample, source: str) ->
     """Raise if the source's samples lack what the method's fields read (tested on one sample of the split)."""
     missing = sorted({what for f in fields if f in NEEDS for what, offers in [NEEDS[f]] if not offers(sample)})
     if missing:
+        hint = ("caption sources parse their captions into graphs and negatives with data.options.parse=true (see "
+                "README 'Parsing real captions')") if set(missing) - {NEEDS["image_facts"][0]} else (
+                "graphs of images come with the shapes world and Visual Genome (its rendered captions, not "
+                "region_descriptions); a parse of the captions is not one")
         raise ValueError(f"data source '{source}' offers no {' and no '.join(missing)}, which this method needs "
-                         f"({sample.key}); caption sources parse their captions into graphs and negatives with "
-                         f"data.options.parse=true (see README 'Parsing real captions')")
+                         f"({sample.key}); {hint}")
 
 
 @FIELDS.register("boxes")

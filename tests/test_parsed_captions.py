@@ -112,6 +112,19 @@ def test_a_method_that_reads_negatives_or_graphs_refuses_unparsed_captions(tmp_p
         dm.setup("fit")
 
 
+def test_smartclip_leaving_true_captions_out_refuses_a_source_without_graphs_of_images(tmp_path):
+    """`method.exclude_entailed` needs the image's own graph: COCO has none, and parsing its captions gives none."""
+    write_coco(tmp_path / "coco", CAPTIONS)
+    args = [a for a in TINY_ARGS if not a.startswith("data.options.")]
+    cfg = compose_train(["method=smartclip", "method.exclude_entailed=true", "data=coco",
+                         f"data.options.root={tmp_path / 'coco'}", f"data.options.cache_dir={tmp_path / 'cache'}",
+                         f"cache_dir={tmp_path / 'cache'}", *args])
+    _, dm = build(cfg)
+    with pytest.raises(ValueError, match="offers no scene graphs of images and of their captions.*a parse of the "
+                                         "captions is not one"):
+        dm.setup("fit")
+
+
 def test_structureclip_reads_parsed_triples_in_written_forms_unless_told(tmp_path):
     """The KEE's triples of a parsed caption are in the caption's words by default (as Structure-CLIP's released
     files write them: "riding", "dogs", lemmatised attributes, no numerals); `method.triple_forms=parser` gives the
