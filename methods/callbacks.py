@@ -2,6 +2,7 @@
 exact resume needs (per-step seeds, the logging step); the checkpoints an interruption and a step count write."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import statistics
@@ -9,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import csv
 
 import lightning as L
 import torch
