@@ -286,11 +286,11 @@ class ShapesWorld:
         """The colour-shape pairs training never shows (`holdout`), in this split; none outside train."""
         return tuple(self.cfg.holdout) if self.split == "train" else ()
 
-    def partial_captions(self, graph: SceneGraph) -> list[str]:
-        """True captions of part of the scene: each mentioned object alone, each relation without attributes."""
-        g = self.mentioned(graph)
-        return [indefinite(phrase(e)) for e in g.objects] + [render_caption(p) for p in self.partial_graphs(graph)[
-            len(g.objects):]]
+    def partial_captions(self, graph: SceneGraph, partials: list[SceneGraph] | None = None) -> list[str]:
+        """True captions of part of the scene: each mentioned object alone, each relation without attributes; the
+        captions of `partial_graphs(graph)` (`partials`, where the caller already has them)."""
+        return [render_caption(p) if p.relations else indefinite(phrase(p.objects[0]))
+                for p in (self.partial_graphs(graph) if partials is None else partials)]
 
     def partial_graphs(self, graph: SceneGraph) -> list[SceneGraph]:
         """The graph of each partial caption, in the same order: one object with its attributes, or one relation
@@ -304,18 +304,19 @@ class ShapesWorld:
         graph = self.graph(index)
         g = self.mentioned(graph)
         forms = self.caption_forms()
+        partials = self.partial_graphs(graph)
         return Sample(
             image=self.render(graph),
             captions=self.captions(graph),
             graph=g,
             key=f"shapes/{self.split}/{index}",
-            partial_captions=self.partial_captions(graph),
+            partial_captions=self.partial_captions(graph, partials),
             extra={
                 # each caption's own scene graph (a converse caption states the converse relation)
                 "caption_graphs": [converse(g) if conv else g for _, conv in forms],
                 # each partial caption's graph; the image's whole graph (distractors too) and each predicate's
                 # converse: what makes a caption true of the image (datamodules/facts.py)
-                "partial_graphs": self.partial_graphs(graph),
+                "partial_graphs": partials,
                 "image_graph": graph,
                 "converse_predicates": CONVERSE,
                 # how captions say each predicate, for fields that render a relation as text
